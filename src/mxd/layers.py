@@ -1,0 +1,374 @@
+"""Sparse layers that stand in for a dense MLP: MxD, TopK/ReLU transcoders and skip transcoders.
+
+All share one interface (see `SparseLayer`): x [B, d_in] is the MLP's input, y_hat [B, d_out] the
+estimate of its output, and `SparseCodes` the K active (expert or latent) indices and coefficients
+per token.
+
+MxD (Oldfield et al. 2025, arXiv 2505.21364), with N experts and hidden width H:
+
+    z     = φ(E x + b_e)                      (GLU form: φ(E x + b_e) ⊙ (G x + b_g))    [B, H]
+    a     = TopK_K(ReLU(W_r x + b_r))                                                    [B, N], K non-zeros
+    y_hat = (Dᵀ z) ⊙ (C a) + b                                                           [B, d_out]
+
+Expert n is the full-rank map W_n = D diag(c_n) ∈ R^{H×d_out}; Σ_n a_n W_nᵀ z = (Dᵀ z) ⊙ (C a).
+Storage: `decoder.weight` is Dᵀ [d_out, H]; `modulators` holds C transposed, one row c_n per expert
+[N, d_out], so that `C a` is a gather of K rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Callable, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mxd.sparse_ops import sparse_decode, topk_linear
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+SPARSITIES = ("topk", "l1")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class SparseCodes(NamedTuple):
+    """K active latents per token: indices [B, K] int64 and their coefficients values [B, K]."""
+
+    indices: Tensor
+    values: Tensor
+
+    def to_dense(self, n_latents: int) -> Tensor:
+        """The codes scattered into a dense [B, n_latents] tensor."""
+        dense = self.values.new_zeros(self.values.shape[0], n_latents)
+        return dense.scatter(-1, self.indices, self.values)
+
+
+def _check_positive(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 1")
+
+
+def _check_choice(name: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is invalid: valid values are {', '.join(map(repr, valid))}")
+
+
+@dataclass
+class LayerConfig:
+    """Base of the layer configs: JSON round-trip with a clear error on unknown keys."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class MxDConfig(LayerConfig):
+    """Sizes and options of an MxD layer.
+
+    d_in, d_out: the MLP's input/output widths; d_hidden: H, the host MLP's hidden width;
+    n_experts: N; k: active experts per token; glu: GLU encoder (Llama-style SwiGLU when
+    activation="silu"); bias: encoder and output biases (the router always has one);
+    unit_norm_modulators: keep each c_n at unit norm (the paper's option);
+    decoder_init_std: std of D's normal init (0 gives the paper's zero init).
+    """
+
+    d_in: int
+    d_out: int
+    d_hidden: int
+    n_experts: int
+    k: int
+    activation: str = "silu"
+    glu: bool = True
+    bias: bool = True
+    unit_norm_modulators: bool = False
+    decoder_init_std: float = 0.01
+
+    def __post_init__(self):
+        _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden, n_experts=self.n_experts, k=self.k)
+        if self.k > self.n_experts:
+            raise ValueError(f"k={self.k} is invalid: must be between 1 and n_experts={self.n_experts}")
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        if self.decoder_init_std < 0:
+            raise ValueError(f"decoder_init_std={self.decoder_init_std} is invalid: must be >= 0")
+
+    def param_count(self) -> int:
+        """Parameters of the layer: base (encoder, decoder, biases) + N (d_in + d_out + 1)."""
+        return mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias) + self.n_experts * (
+            self.d_in + self.d_out + 1
+        )
+
+
+@dataclass
+class TranscoderConfig(LayerConfig):
+    """Sizes and options of a transcoder.
+
+    width: M latents; k: active latents per token (sparsity="topk"); sparsity: "topk" or "l1"
+    (ReLU latents, sparsity by an L1 penalty during training, k unused); unit_norm_decoder: keep
+    each decoder row at unit norm.
+    """
+
+    d_in: int
+    d_out: int
+    width: int
+    k: int
+    sparsity: str = "topk"
+    unit_norm_decoder: bool = False
+
+    def __post_init__(self):
+        _check_positive(d_in=self.d_in, d_out=self.d_out, width=self.width, k=self.k)
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} is invalid: must be between 1 and width={self.width}")
+        _check_choice("sparsity", self.sparsity, SPARSITIES)
+
+    def param_count(self, skip: bool = False) -> int:
+        """M (d_in + d_out) + M + d_out, plus d_in · d_out for the skip connection."""
+        return self.width * (self.d_in + self.d_out + 1) + self.d_out + (self.d_in * self.d_out if skip else 0)
+
+
+def mxd_base_params(d_in: int, d_out: int, d_hidden: int, glu: bool, bias: bool = True) -> int:
+    """MxD parameters that do not scale with N: encoder(s), shared decoder and biases."""
+    n_enc = 2 if glu else 1
+    return d_hidden * d_in * n_enc + d_hidden * d_out + (d_hidden * n_enc + d_out if bias else 0)
+
+
+def match_n_experts(d_in: int, d_out: int, d_hidden: int, transcoder_width: int, glu: bool, bias: bool = True) -> int:
+    """The expert count N giving an MxD as many parameters as a TopK transcoder of width M.
+
+    GPT-2 (768, 768, H=3072, M=32·768, MLP form) gives 21,504.
+    """
+    _check_positive(d_in=d_in, d_out=d_out, d_hidden=d_hidden, transcoder_width=transcoder_width)
+    target = TranscoderConfig(d_in, d_out, transcoder_width, 1).param_count()
+    n = round((target - mxd_base_params(d_in, d_out, d_hidden, glu, bias)) / (d_in + d_out + 1))
+    if n < 1:
+        raise ValueError(
+            f"transcoder_width={transcoder_width} is too small: an MxD with d_hidden={d_hidden} has more "
+            "parameters before its first expert; use a larger width"
+        )
+    return n
+
+
+class SparseLayer(nn.Module):
+    """Interface shared by all sparse layers.
+
+    encode(x) -> SparseCodes; decode(codes, x) -> y_hat; forward(x) -> (y_hat, codes).
+    `unit_norm_weight` names the parameter whose rows are kept at unit norm (or None); the trainer
+    calls `project_gradients_()` before and `normalize_weights_()` after each optimiser step.
+    """
+
+    config_class: ClassVar[type[LayerConfig]]
+    config: LayerConfig
+
+    @property
+    def n_latents(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        raise NotImplementedError
+
+    def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, SparseCodes]:
+        codes = self.encode(x)
+        return self.decode(codes, x), codes
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def unit_norm_weight(self) -> nn.Parameter | None:
+        return None
+
+    @torch.no_grad()
+    def normalize_weights_(self) -> None:
+        """Rescale each row of `unit_norm_weight` to unit norm."""
+        w = self.unit_norm_weight
+        if w is not None:
+            w.div_(w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
+
+    @torch.no_grad()
+    def project_gradients_(self) -> None:
+        """Remove from each row's gradient its component parallel to the (unit-norm) row."""
+        w = self.unit_norm_weight
+        if w is not None and w.grad is not None:
+            w.grad.sub_((w.grad * w).sum(dim=1, keepdim=True) * w)
+
+    def save(self, directory: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` into `directory` (created if missing)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"class": type(self).__name__, "config": self.config.to_dict()}
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _uniform_linear_init_(weight: Tensor, fan_in: int) -> None:
+    """nn.Linear's default init: U(-1/√fan_in, 1/√fan_in)."""
+    bound = 1 / math.sqrt(fan_in)
+    nn.init.uniform_(weight, -bound, bound)
+
+
+class MxD(SparseLayer):
+    """Mixture of Decoders: N full-rank experts W_n = D diag(c_n), K active per token."""
+
+    config_class = MxDConfig
+
+    def __init__(self, config: MxDConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.act = ACTIVATIONS[c.activation]
+        self.encoder = nn.Linear(c.d_in, c.d_hidden, bias=c.bias)  # E, b_e (inside φ: Llama's gate_proj)
+        self.up = nn.Linear(c.d_in, c.d_hidden, bias=c.bias) if c.glu else None  # G, b_g (Llama's up_proj)
+        self.decoder = nn.Linear(c.d_hidden, c.d_out, bias=False)  # weight = Dᵀ [d_out, H]
+        self.router = nn.Linear(c.d_in, c.n_experts)  # W_r, b_r
+        self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out))  # C transposed: row n is c_n
+        self.bias = nn.Parameter(torch.zeros(c.d_out)) if c.bias else None  # b
+        with torch.no_grad():
+            nn.init.normal_(self.decoder.weight, std=c.decoder_init_std)
+            nn.init.uniform_(self.modulators, -1.0, 1.0)
+        if c.unit_norm_modulators:
+            self.normalize_weights_()
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_experts
+
+    @property
+    def unit_norm_weight(self) -> nn.Parameter | None:
+        return self.modulators if self.config.unit_norm_modulators else None
+
+    def hidden(self, x: Tensor) -> Tensor:
+        """z = φ(E x + b_e) (⊙ (G x + b_g)).  [B, d_in] -> [B, H]."""
+        z = self.act(self.encoder(x))
+        return z * self.up(x) if self.up is not None else z
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        values, indices = topk_linear(x, self.router.weight, self.router.bias, self.config.k)
+        return SparseCodes(indices, values)
+
+    def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
+        y = self.decoder(self.hidden(x)) * sparse_decode(codes.indices, codes.values, self.modulators)
+        return y + self.bias if self.bias is not None else y
+
+    def expert_weights(self, experts: Tensor) -> Tensor:
+        """W_n = D diag(c_n) for the given expert indices.  [n] -> [n, H, d_out]."""
+        d = self.decoder.weight.T  # [H, d_out]
+        return d.unsqueeze(0) * self.modulators[experts].unsqueeze(1)
+
+    @torch.no_grad()
+    def expert_rank(self, experts: Tensor) -> Tensor:
+        """Normalised rank, rank(W_n) / min(H, d_out), of the given experts.  [n] -> [n]."""
+        w = self.expert_weights(experts).float()
+        return torch.linalg.matrix_rank(w).float() / min(w.shape[1:])
+
+
+class Transcoder(SparseLayer):
+    """y_hat = W_d f + b with f = TopK_K(ReLU(W_e x + b_e)), or ReLU latents with an L1 penalty."""
+
+    config_class = TranscoderConfig
+
+    def __init__(self, config: TranscoderConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = nn.Linear(config.d_in, config.width)  # W_e, b_e
+        self.decoder = nn.Parameter(torch.empty(config.width, config.d_out))  # W_dᵀ: row m is latent m's direction
+        self.bias = nn.Parameter(torch.zeros(config.d_out))  # b
+        with torch.no_grad():
+            _uniform_linear_init_(self.decoder, config.width)
+        if config.unit_norm_decoder:
+            self.normalize_weights_()
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.width
+
+    @property
+    def unit_norm_weight(self) -> nn.Parameter | None:
+        return self.decoder if self.config.unit_norm_decoder else None
+
+    def encode(self, x: Tensor) -> SparseCodes:
+        if self.config.sparsity == "topk":
+            values, indices = topk_linear(x, self.encoder.weight, self.encoder.bias, self.config.k)
+            return SparseCodes(indices, values)
+        f = F.relu(self.encoder(x))  # [B, M]
+        n_active = max(1, int((f > 0).sum(-1).max()))  # pad every token to the batch's largest count
+        values, indices = f.topk(n_active, dim=-1, sorted=False)
+        return SparseCodes(indices, values)
+
+    def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
+        return sparse_decode(codes.indices, codes.values, self.decoder) + self.bias
+
+    def l1_penalty(self, codes: SparseCodes) -> Tensor:
+        """Mean over tokens of Σ_m f_m ‖W_d[m]‖ (the decoder-norm-weighted L1 of ReLU transcoders)."""
+        norms = self.decoder.norm(dim=1)[codes.indices]  # [B, K]
+        return (codes.values.abs() * norms).sum(-1).mean()
+
+
+class SkipTranscoder(Transcoder):
+    """A transcoder plus a linear skip connection W_s x (W_s initialised at zero)."""
+
+    def __init__(self, config: TranscoderConfig):
+        super().__init__(config)
+        self.skip = nn.Linear(config.d_in, config.d_out, bias=False)  # W_s
+        nn.init.zeros_(self.skip.weight)
+
+    def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
+        return super().decode(codes, x) + self.skip(x)
+
+
+LAYER_CLASSES: dict[str, type[SparseLayer]] = {cls.__name__: cls for cls in (MxD, Transcoder, SkipTranscoder)}
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> SparseLayer:
+    """Load a layer written by `SparseLayer.save`; fails clearly on a foreign or damaged folder."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a saved mxd layer")
+    try:
+        meta = json.loads(config_path.read_text())
+        class_name, config_dict = meta["class"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path} is not an mxd layer config ({e})") from None
+    if class_name not in LAYER_CLASSES:
+        raise ValueError(f"unknown layer class {class_name!r} in {config_path}; valid: {', '.join(LAYER_CLASSES)}")
+    cls = LAYER_CLASSES[class_name]
+    with torch.device("meta"):
+        layer = cls(cls.config_class.from_dict(config_dict))
+    tensors = load_file(str(weights_path), device=str(device))
+    expected = layer.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, t in expected.items():
+        if tensors[name].shape != t.shape:
+            raise ValueError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(tensors[name].shape)} "
+                f"but {config_path} implies {tuple(t.shape)}"
+            )
+    layer.load_state_dict(tensors, assign=True)
+    return layer
