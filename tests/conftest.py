@@ -31,18 +31,18 @@ def layer(request):
 
 
 def tiny_model(arch: str):
-    """A tiny randomly initialised causal LM of the given architecture (vocab 256, 3 layers)."""
+    """A tiny randomly initialised causal LM of the given architecture (vocab 257: tiny_tokenizer's, 3 layers)."""
     import transformers as tf
 
-    common = dict(vocab_size=256, num_hidden_layers=3, num_attention_heads=2, hidden_size=32, intermediate_size=64)
+    common = dict(vocab_size=257, num_hidden_layers=3, num_attention_heads=2, hidden_size=32, intermediate_size=64)
     configs = {
-        "gpt2": lambda: tf.GPT2Config(vocab_size=256, n_layer=3, n_head=2, n_embd=32, n_positions=128),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=257, n_layer=3, n_head=2, n_embd=32, n_positions=128),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**common, max_position_embeddings=128),
         "llama": lambda: tf.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=128),
         "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128),
         "gemma": lambda: tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
         "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=2, max_position_embeddings=128),
-        "opt": lambda: tf.OPTConfig(vocab_size=256, num_hidden_layers=3, num_attention_heads=2, hidden_size=32,
+        "opt": lambda: tf.OPTConfig(vocab_size=257, num_hidden_layers=3, num_attention_heads=2, hidden_size=32,
                                     ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128),
     }
     torch.manual_seed(0)
@@ -51,3 +51,37 @@ def tiny_model(arch: str):
 
 CORE_ARCHS = ["gpt2", "gpt_neox", "llama"]
 ALL_ARCHS = CORE_ARCHS + ["qwen2", "gemma", "mistral", "opt"]
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (one token per byte, id 256 is EOS) built offline, GPT-2 style (no BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))} | {"<eos>": 256}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama and its tokenizer saved as a local Hugging Face folder."""
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    """A folder of real English text (the Lee news corpus, ~1.2 MB) as .txt documents."""
+    from mxd.data import BUILTIN_SOURCES
+
+    folder = tmp_path / "text"
+    folder.mkdir()
+    docs = list(BUILTIN_SOURCES["builtin:lee"].documents())
+    (folder / "lee.txt").write_text("\n\n".join(d.strip() for d in docs))
+    return folder

@@ -1,0 +1,3 @@
+from mxd.cli import main
+
+main()

@@ -1,0 +1,147 @@
+"""`mxd` command line: every field of a command's config dataclasses is an option.
+
+    mxd harvest --layers 15 --max-tokens 2000000 --out cache/L15
+    torchrun --nproc_per_node=2 -m mxd harvest ...      (each rank harvests a disjoint shard)
+
+Options come from the dataclass fields (`--context-len` for `context_len`, nested dataclasses such
+as DataConfig flattened), their help from the "name: text" entries of the class docstring;
+`--config FILE.json|yaml` supplies defaults that explicit options override. Bad input exits with
+status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """{field: help} from "a, b: text; c: text" entries of a dataclass's docstring (after its first line)."""
+    body = (cls.__doc__ or "").split("\n\n", 1)[-1]
+    docs = {}
+    for entry in re.split(r";\s*|\.\s*\n", " ".join(body.split("\n"))):
+        names, sep, text = entry.partition(": ")
+        if sep and re.fullmatch(r"[a-z_0-9, ]+", names.strip()):
+            for name in names.split(","):
+                docs[name.strip()] = text.strip().rstrip(".")
+    return docs
+
+
+def _parse_optional(inner):
+    return lambda s: None if s.lower() in ("none", "null") else inner(s)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str | None = None) -> None:
+    """Add one option per field of dataclass `cls` (recursing into nested dataclasses)."""
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    group = parser.add_argument_group(group_title or cls.__name__)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            _add_fields(parser, kind)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs = dict(dest=f.name, default=default, help=f"{docs.get(f.name, '')} (default: {default})".strip())
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+", type=typing.get_args(base)[0])
+        else:
+            kwargs["type"] = _parse_optional(base) if optional else base
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _build(cls, values: dict):
+    """An instance of `cls` from flat option values (nested dataclasses filled from the same values)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+        else:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def _flatten(data: dict) -> dict:
+    flat = {}
+    for key, value in data.items():
+        flat.update(_flatten(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _read_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON/YAML mapping of option names to values")
+    return _flatten(data)
+
+
+def _init_distributed():
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _cmd_harvest(cfg: HarvestConfig) -> None:
+    if cfg.device == "cuda" and "LOCAL_RANK" in os.environ:
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    cache = harvest(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{cache.n_tokens:,} tokens of layers {cache.layers} in {cache.path} ({len(cache.chunks)} chunks)")
+
+
+COMMANDS = {"harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mxd", description="Mixture of Decoders and sparse transcoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="JSON or YAML file of option values (explicit options win)")
+        _add_fields(p, cls, f"{name} options")
+    args = parser.parse_args(argv)
+    cls, run, _ = COMMANDS[args.command]
+    sub_parser = sub.choices[args.command]
+    try:
+        if args.config:
+            known = {a.dest for a in sub_parser._actions}
+            values = _read_config_file(args.config)
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"--config {args.config}: unknown options {unknown}")
+            sub_parser.set_defaults(**values)
+            args = parser.parse_args(argv)
+        _init_distributed()
+        run(_build(cls, vars(args)))
+    except (ValueError, FileNotFoundError, CorruptCacheError) as e:
+        print(f"mxd {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"mxd {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
