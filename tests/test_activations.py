@@ -149,6 +149,10 @@ def test_bad_layer_and_tiny_budget(tiny_model_dir, text_dir, tmp_path):
         harvest(_cfg(tiny_model_dir, text_dir, tmp_path / "a", layers=[7]), progress=False)
     with pytest.raises(ValueError, match="max_tokens=10 is too small"):
         harvest(_cfg(tiny_model_dir, text_dir, tmp_path / "b", max_tokens=10), progress=False)
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "a.txt").write_text("Too short for one block.")
+    with pytest.raises(ValueError, match="empty corpus: source .* gives no complete block of 32 tokens in its train split"):
+        harvest(_cfg(tiny_model_dir, tmp_path / "short", tmp_path / "c"), progress=False)
 
 
 def test_stream_activations_shuffles_real_activations(tiny_model_dir, text_dir, tmp_path):

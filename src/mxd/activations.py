@@ -200,6 +200,9 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
         )
         _write_json_atomic(shard_path, shard)
     bar.close()
+    if not shard["chunks"]:
+        raise ValueError(f"empty corpus: source {cfg.data.source!r} gives no complete block of {ctx} tokens "
+                         f"in its {cfg.split} split")
     _barrier()
     if rank == 0:
         manifest = json.loads((out / MANIFEST).read_text())
