@@ -7,7 +7,7 @@ import torch
 from conftest import ALL_ARCHS, CORE_ARCHS, tiny_model
 
 from mxd import MxD, MxDConfig
-from mxd.models import find_mlp, load_model, mlp_activations, splice
+from mxd.models import find_mlp, host_mlp, load_model, mlp_activations, splice
 
 EXPECTED_PATHS = {
     "gpt2": "transformer.h.1.mlp",
@@ -139,3 +139,15 @@ def test_unknown_model_fails_clearly(tmp_path):
         load_model("no-such-org/no-such-model")
     with pytest.raises(ValueError, match="has no config.json"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("arch,expected", [
+    ("gpt2", {"d_hidden": 128, "activation": "gelu_tanh", "glu": False}),
+    ("gpt_neox", {"d_hidden": 64, "activation": "gelu", "glu": False}),
+    ("llama", {"d_hidden": 64, "activation": "silu", "glu": True}),
+    ("gemma", {"d_hidden": 64, "activation": "gelu_tanh", "glu": True}),
+    ("opt", {"d_hidden": 64, "activation": "relu", "glu": False}),
+])
+def test_host_mlp_form(arch, expected):
+    model = tiny_model(arch)
+    assert host_mlp(model, find_mlp(model, 0)) == expected

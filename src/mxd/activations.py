@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mxd.data import DataConfig, iter_documents, token_blocks
-from mxd.models import DEFAULT_MODEL, MLPSite, find_mlp, load_model, mlp_activations
+from mxd.models import DEFAULT_MODEL, MLPSite, find_mlp, host_mlp, load_model, mlp_activations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MANIFEST = "manifest.json"
@@ -116,7 +116,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _manifest_for(cfg: HarvestConfig, sites: list[MLPSite], d_in: int, d_out: int, world: int) -> dict:
+def _manifest_for(cfg: HarvestConfig, sites: list[MLPSite], d_in: int, d_out: int, world: int, host: dict) -> dict:
     return {
         "format": "mxd-activations-1",
         "model": cfg.model,
@@ -130,6 +130,7 @@ def _manifest_for(cfg: HarvestConfig, sites: list[MLPSite], d_in: int, d_out: in
         "model_dtype": cfg.model_dtype,
         "d_in": d_in,
         "d_out": d_out,
+        "host_mlp": host,
         "chunk_tokens": cfg.chunk_tokens,
         "max_tokens": cfg.max_tokens,
         "world_size": world,
@@ -156,7 +157,7 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
     ctx = cfg.data.context_len
     probe = mlp_activations(model, torch.zeros(1, 2, dtype=torch.long, device=cfg.device), sites)
     d_in, d_out = probe[cfg.layers[0]][0].shape[-1], probe[cfg.layers[0]][1].shape[-1]
-    wanted = _manifest_for(cfg, sites, d_in, d_out, world)
+    wanted = _manifest_for(cfg, sites, d_in, d_out, world, host_mlp(model, sites[0]))
     if (out / MANIFEST).exists():
         _check_identity(json.loads((out / MANIFEST).read_text()), wanted, out)
     elif rank == 0:

@@ -165,6 +165,24 @@ def find_mlp(model: nn.Module, layer: int, module_path: str | None = None) -> ML
     )
 
 
+# Host activation names (config.hidden_act / activation_function) -> mxd.layers.ACTIVATIONS names.
+_HOST_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+
+
+def host_mlp(model: nn.Module, site: MLPSite) -> dict:
+    """The host MLP's form, for sizing an MxD like it: {"d_hidden", "activation", "glu"}.
+
+    GLU when the MLP has three weight matrices (gate, up, down), a plain MLP with two.
+    """
+    cfg = model.config.get_text_config()
+    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None) or "gelu"
+    weights = [m for m in site.input_module.modules() if hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2]
+    d_hidden = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "ffn_dim", None)
+                or getattr(cfg, "n_inner", None) or 4 * cfg.hidden_size)
+    return {"d_hidden": d_hidden, "activation": _HOST_ACTIVATIONS.get(act, "gelu"), "glu": len(weights) == 3}
+
+
 class _StopForward(Exception):
     """Raised by a hook to end the forward pass once every wanted activation is captured."""
 
