@@ -25,6 +25,7 @@ import transformers
 import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+from mxd.train import Trainer, TrainConfig, TrainingDiverged
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -112,7 +113,25 @@ def _cmd_harvest(cfg: HarvestConfig) -> None:
         print(f"{cache.n_tokens:,} tokens of layers {cache.layers} in {cache.path} ({len(cache.chunks)} chunks)")
 
 
-COMMANDS = {"harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache")}
+def _cmd_train(cfg: TrainConfig) -> None:
+    trainer = Trainer(cfg)
+    try:
+        layer = trainer.train()
+    except KeyboardInterrupt:
+        print(f"mxd train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume --out {cfg.out}",
+              file=sys.stderr)
+        sys.exit(130)
+    except TrainingDiverged as e:
+        print(f"mxd train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"trained {type(layer).__name__} ({layer.param_count():,} parameters, {layer.n_latents:,} latents, "
+          f"k={cfg.sparse.k}) in {cfg.out}/final; metrics in {cfg.out}/metrics.jsonl")
+
+
+COMMANDS = {
+    "harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache"),
+    "train": (TrainConfig, _cmd_train, "train an MxD or a transcoder on a harvested cache"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,9 +159,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, CorruptCacheError) as e:
         print(f"mxd {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"mxd {args.command}: interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,183 @@
+"""Training on a tiny harvested cache: learning, checkpoints, bit-exact resume after kill -9, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mxd
+from mxd.activations import HarvestConfig, harvest
+from mxd.data import DataConfig
+from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig, TrainingDiverged
+
+CTX = 32
+
+
+@pytest.fixture
+def caches(tiny_model_dir, text_dir, tmp_path):
+    """(train cache, validation cache) of layer 1 of the tiny Llama on real text."""
+    paths = []
+    for split, tokens in (("train", 160 * CTX), ("validation", 16 * CTX)):
+        out = tmp_path / f"cache-{split}"
+        harvest(HarvestConfig(out=str(out), model=str(tiny_model_dir), layers=[1], split=split, max_tokens=tokens,
+                              chunk_tokens=32 * CTX, data=DataConfig(source=str(text_dir), context_len=CTX)), progress=False)
+        paths.append(str(out))
+    return paths
+
+
+def _cfg(caches, out, **kw):
+    args = dict(out=str(out), cache=caches[0], val_cache=caches[1], train_tokens=120 * 256, batch_tokens=256,
+                eval_every=40, checkpoint_every=25, log_every=5, sparse=LayerSpec(kind="mxd", k=4, expansion=4),
+                optim=OptimConfig(lr=3e-3, warmup_steps=10))
+    return TrainConfig(**(args | kw))
+
+
+@pytest.mark.parametrize("kind", ["mxd", "transcoder", "skip_transcoder"])
+def test_training_learns_and_writes_a_run(caches, tmp_path, kind):
+    cfg = _cfg(caches, tmp_path / "run", sparse=LayerSpec(kind=kind, k=4, expansion=4))
+    layer = Trainer(cfg, progress=False).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_nmse" in r]
+    assert train[-1]["step"] == cfg.steps == 120 and len(val) == 3
+    assert train[-1]["loss"] < 0.5 * train[0]["loss"]
+    assert val[-1]["val_nmse"] < val[0]["val_nmse"] and val[-1]["val_l0"] <= 4
+    if kind == "mxd":
+        assert val[-1]["val_nmse"] < 0.5
+    assert {"tokens_per_s", "l0", "dead", "lr"} <= set(train[-1])
+    loaded = mxd.load(tmp_path / "run" / "final")
+    assert type(loaded).__name__ == {"mxd": "MxD", "transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"}[kind]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sparse"]["kind"] == kind
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert "step-120" in checkpoints and len(checkpoints) <= 3  # keep_last=2 plus the best
+
+
+def test_mxd_is_sized_from_the_host_mlp(caches, tmp_path):
+    layer = Trainer(_cfg(caches, tmp_path / "run"), progress=False).layer
+    # tiny Llama: d = 32, SwiGLU width 64; matched to a transcoder of width 4 * 32
+    assert layer.config.glu and layer.config.activation == "silu" and layer.config.d_hidden == 64
+    assert layer.config.n_experts == mxd.match_n_experts(32, 32, 64, 128, glu=True)
+
+
+def _final_weights(run):
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+_KILLABLE = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_train import _cfg
+from mxd.train import Trainer
+trainer = Trainer(_cfg({caches!r}, {out!r}), progress=False)
+step = trainer._train_step
+trainer._train_step = lambda x, y: (time.sleep(0.03), step(x, y))[1]
+trainer.train()
+"""
+
+
+def _start(caches, out):
+    script = _KILLABLE.format(tests=os.path.dirname(__file__), caches=caches, out=str(out))
+    return subprocess.Popen([sys.executable, "-c", script])
+
+
+def _wait_for_checkpoint(out, proc, step):
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoints" / f"step-{step}" / "state.json").exists():
+            return
+        time.sleep(0.02)
+
+
+def test_kill_9_and_resume_is_bit_exact(caches, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start(caches, out)
+    _wait_for_checkpoint(out, proc, 50)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists(), "training finished before it could be killed"
+    Trainer(_cfg(caches, out, resume=True), progress=False).train()
+    Trainer(_cfg(caches, tmp_path / "whole"), progress=False).train()
+    resumed, whole = _final_weights(out), _final_weights(tmp_path / "whole")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_ctrl_c_checkpoints_and_exits_cleanly(caches, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(caches, out)
+    _wait_for_checkpoint(out, proc, 25)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")]
+    assert max(steps) > 25 or steps == [25]  # a checkpoint at the interrupted step
+    assert not list((out / "checkpoints").glob(".tmp*"))
+    Trainer(_cfg(caches, out, resume=True), progress=False).train()
+    assert (out / "final" / "model.safetensors").exists()
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(caches, tmp_path):
+    trainer = Trainer(_cfg(caches, tmp_path / "run"), progress=False)
+    good = trainer._train_step
+    calls = []
+
+    def poisoned(x, y):
+        calls.append(1)
+        return good(x, y if len(calls) < 40 else y * float("nan"))
+
+    trainer._train_step = poisoned
+    with pytest.raises(TrainingDiverged, match="the loss became nan at step 39"):
+        trainer.train()
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [p.name for p in checkpoints] == ["step-25"]
+    weights = load_file(str(checkpoints[0] / "layer" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_options_run(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", train_tokens=60 * 256, autocast="bf16", loss="token_nmse", aux_k=8,
+               dead_window=512, balance_coef=0.01, sparse=LayerSpec(kind="mxd", k=4, expansion=4, unit_norm=True),
+               optim=OptimConfig(optimizer="adamw", decay="cosine", weight_decay=0.01, warmup_steps=5))
+    layer = Trainer(cfg, progress=False).train()
+    torch.testing.assert_close(layer.modulators.norm(dim=1), torch.ones(layer.n_latents))
+
+
+def test_l1_transcoder_trains_sparse(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", sparse=LayerSpec(kind="transcoder", sparsity="l1", l1_coef=1e-2, expansion=4))
+    Trainer(cfg, progress=False).train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["val_l0"] < 128
+
+
+def test_lr_schedule():
+    opt = OptimConfig(lr=1.0, warmup_steps=10, decay="linear", min_lr_ratio=0.1)
+    assert opt.lr_factor(0, 110) == pytest.approx(0.1) and opt.lr_factor(9, 110) == pytest.approx(1.0)
+    assert opt.lr_factor(60, 110) == pytest.approx(0.55) and opt.lr_factor(110, 110) == pytest.approx(0.1)
+    cos = OptimConfig(lr=1.0, warmup_steps=0, decay="cosine")
+    assert cos.lr_factor(50, 100) == pytest.approx(0.5)
+    assert OptimConfig(warmup_steps=0, decay="constant").lr_factor(99, 100) == 1.0
+
+
+def test_bad_input(caches, tmp_path):
+    with pytest.raises(ValueError, match="train_tokens=100 is too small for one step of batch_tokens=256"):
+        _cfg(caches, tmp_path / "a", train_tokens=100)
+    with pytest.raises(ValueError, match="kind='sae' is invalid"):
+        LayerSpec(kind="sae")
+    Trainer(_cfg(caches, tmp_path / "run", train_tokens=10 * 256), progress=False).train()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run; pass --resume"):
+        Trainer(_cfg(caches, tmp_path / "run", train_tokens=10 * 256), progress=False)
+    with pytest.raises(ValueError, match="cannot resume .* with a different config \\(differs in: seed\\)"):
+        Trainer(_cfg(caches, tmp_path / "run", train_tokens=10 * 256, seed=1, resume=True), progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    with pytest.raises(ValueError, match="nothing to resume"):
+        Trainer(_cfg(caches, tmp_path / "new", resume=True), progress=False)
+    with pytest.raises(ValueError, match="holds the same split of the same data"):
+        Trainer(_cfg(caches, tmp_path / "b", val_cache=caches[0]), progress=False)
+    with pytest.raises(ValueError, match="not layer 2 of"):
+        Trainer(_cfg(caches, tmp_path / "c", layer=2), progress=False)
