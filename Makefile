@@ -25,5 +25,8 @@ test: install
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+demo: install
+	$(PY) -m mxd demo
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -25,6 +25,7 @@ import transformers
 import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+from mxd.demo import DemoConfig, format_table, run_demo
 from mxd.train import Trainer, TrainConfig, TrainingDiverged
 
 
@@ -128,9 +129,16 @@ def _cmd_train(cfg: TrainConfig) -> None:
           f"k={cfg.sparse.k}) in {cfg.out}/final; metrics in {cfg.out}/metrics.jsonl")
 
 
+def _cmd_demo(cfg: DemoConfig) -> None:
+    rows = run_demo(cfg)
+    print(f"\nlayer {cfg.layer} of {cfg.model}, {cfg.train_tokens:,} training tokens, nmse/fvu/l0/dead on "
+          f"{cfg.val_tokens:,} held-out tokens:\n{format_table(rows)}")
+
+
 COMMANDS = {
     "harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache"),
     "train": (TrainConfig, _cmd_train, "train an MxD or a transcoder on a harvested cache"),
+    "demo": (DemoConfig, _cmd_demo, "harvest the embedded model, train an MxD and a matched transcoder, compare"),
 }
 
 

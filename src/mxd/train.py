@@ -373,9 +373,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation nmse, fvu and l0 over the first val_tokens tokens of val_cache."""
+        """Validation nmse, fvu, l0 and dead (share of latents that never fired) over val_tokens tokens."""
         err = sq = l0 = n = 0.0
         sum_y = None
+        fired = torch.zeros(self.layer.n_latents, dtype=torch.bool)
         for x, y in self.val.batches(self.layer_index, 4096, shuffle=False):
             with self._autocast():
                 y_hat, codes = self.layer(x.float())
@@ -384,11 +385,12 @@ class Trainer:
             sq += y.pow(2).sum().item()
             sum_y = y.sum(0) if sum_y is None else sum_y + y.sum(0)
             l0 += (codes.values > 0).sum().item()
+            fired[codes.indices[codes.values > 0]] = True
             n += len(y)
             if n >= self.cfg.val_tokens:
                 break
         var = sq - sum_y.pow(2).sum().item() / n
-        return {"val_nmse": err / sq, "val_fvu": err / var, "val_l0": l0 / n}
+        return {"val_nmse": err / sq, "val_fvu": err / var, "val_l0": l0 / n, "val_dead": 1 - fired.float().mean().item()}
 
     def train(self) -> SparseLayer:
         cfg = self.cfg
