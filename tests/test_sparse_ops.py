@@ -12,7 +12,7 @@ from mxd.sparse_ops import sparse_decode, topk_linear
 
 def _close(actual, expected, rel=1e-5):
     """Equal up to `rel` times the scale of `expected` (fp32 sums in different orders)."""
-    scale = expected.abs().max().item() + 1e-12
+    scale = max(expected.abs().max().item(), 1.0)  # inputs are O(1): sums that cancel keep an O(1) error scale
     torch.testing.assert_close(actual, expected, atol=rel * scale, rtol=0)
 
 
