@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mxd.activations import HarvestConfig, harvest
-from mxd.data import DataConfig
 from mxd.models import embedded_model_path, find_mlp, load_model
 
 

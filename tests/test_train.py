@@ -52,7 +52,8 @@ def test_training_learns_and_writes_a_run(caches, tmp_path, kind):
         assert val[-1]["val_nmse"] < 0.5
     assert {"tokens_per_s", "l0", "dead", "lr"} <= set(train[-1])
     loaded = mxd.load(tmp_path / "run" / "final")
-    assert type(loaded).__name__ == {"mxd": "MxD", "transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"}[kind]
+    assert type(loaded) is type(layer)
+    assert type(layer).__name__ == {"mxd": "MxD", "transcoder": "Transcoder", "skip_transcoder": "SkipTranscoder"}[kind]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["sparse"]["kind"] == kind
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "step-120" in checkpoints and len(checkpoints) <= 3  # keep_last=2 plus the best
