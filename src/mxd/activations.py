@@ -205,13 +205,14 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
         raise ValueError(f"empty corpus: source {cfg.data.source!r} gives no complete block of {ctx} tokens "
                          f"in its {cfg.split} split")
     _barrier()
+    cache = ActivationCache(out)  # every shard is finished: the cache is whole
     if rank == 0:
         manifest = json.loads((out / MANIFEST).read_text())
-        cache = ActivationCache(out)
         manifest.update(complete=True, max_tokens=cfg.max_tokens, n_tokens=cache.n_tokens)
         _write_json_atomic(out / MANIFEST, manifest)
+        cache.manifest = manifest
     _barrier()
-    return ActivationCache(out)
+    return cache
 
 
 def _check_chunks(folder: Path, chunks: list[dict], checksum: bool) -> None:

@@ -28,18 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mxd.activations import ActivationCache
+from mxd.layers import MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load, match_n_experts
 from mxd.sparse_ops import sparse_decode
-from mxd.layers import (
-    MxD,
-    MxDConfig,
-    SkipTranscoder,
-    SparseCodes,
-    SparseLayer,
-    Transcoder,
-    TranscoderConfig,
-    load,
-    match_n_experts,
-)
 
 KINDS = ("mxd", "transcoder", "skip_transcoder")
 DECAYS = ("constant", "linear", "cosine")
@@ -295,10 +285,10 @@ class Trainer:
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        keep = set(self._checkpoints()[-self.cfg.keep_last :])
-        best = [p for p in self._checkpoints() if json.loads((p / "state.json").read_text())["is_best"]]
-        keep |= set(best[-1:])
-        for old in self._checkpoints():
+        checkpoints = self._checkpoints()
+        best = [p for p in checkpoints if json.loads((p / "state.json").read_text())["is_best"]]
+        keep = set(checkpoints[-self.cfg.keep_last :]) | set(best[-1:])
+        for old in checkpoints:
             if old not in keep:
                 shutil.rmtree(old)
         return final
