@@ -2,23 +2,32 @@
 
 Both work on K (index, coefficient) pairs per token instead of a dense B×N tensor:
 
-- `topk_linear(x, W, b, k)`: TopK_K(ReLU(x Wᵀ + b)). The forward needs the dense B×N logits
-  (freed before returning); the backward touches only the K selected rows of W per token.
+- `topk_linear(x, W, b, k)`: TopK_K(ReLU(x Wᵀ + b)). The forward needs the dense logits, computed
+  a block of tokens at a time so that no [B, N] tensor is ever held; the backward touches only the K
+  selected rows of W per token.
 - `sparse_decode(indices, values, table)`: Σ_k values[:, k] · table[indices[:, k]], i.e. `C a` for
-  MxD or `W_d f` for a transcoder, without a B×N by N×O matmul (embedding_bag forward, index_add
-  backward).
+  MxD or `W_d f` for a transcoder, without a B×N by N×O matmul.
 
-The three primitives below are shared: the router's input gradient is a `gather_sum`, its weight
-gradient a `scatter_outer`, and the decoder's gradients are the same two operations transposed.
+The (index, coefficient) pairs are a sparse [B, N] matrix A with K entries per row, and every
+gradient is a product with A or a product sampled at its pattern:
+
+- `gather_sum`:    A v        (a gather of K rows per token: embedding_bag)
+- `scatter_outer`: Aᵀ v       (CSR sparse × dense: each table row sums over the tokens that chose it)
+- `gather_dot`:    (v Tᵀ)|A   (the dot products at A's K entries only: sampled_addmm)
+
+so no [B, K, d] intermediate is built either. The sparse BLAS has no bf16 kernels: the backward
+computes in fp32 also under autocast (a small share of the FLOPs, and more accurate sums).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Bound on the elements of the [tokens, K, d] intermediates built in backward (64 MiB in fp32).
+# Bound on the elements of the [tokens, N] logits block of `topk_linear`'s forward (64 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -33,36 +42,44 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _token_chunks(n_tokens: int, k: int, width: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, k * width))
-    for start in range(0, n_tokens, step):
-        yield slice(start, min(start + step, n_tokens))
+def sparse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """`dtype`, or fp32 for 16-bit floats (no sparse BLAS kernels)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR matrix from trusted parts, without torch's once-per-process "beta" warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def gather_sum(indices: Tensor, coeffs: Tensor, table: Tensor) -> Tensor:
     """out[b] = Σ_k coeffs[b, k] · table[indices[b, k]].  [B, K], [B, K], [N, d] -> [B, d]."""
-    return F.embedding_bag(indices, table, per_sample_weights=coeffs, mode="sum")
+    return F.embedding_bag(indices, table, per_sample_weights=coeffs.to(table.dtype), mode="sum")
 
 
 def gather_dot(indices: Tensor, vectors: Tensor, table: Tensor) -> Tensor:
     """out[b, k] = <vectors[b], table[indices[b, k]]>.  [B, K], [B, d], [N, d] -> [B, K]."""
-    out = vectors.new_empty(indices.shape)
-    for s in _token_chunks(*indices.shape, table.shape[1]):
-        rows = table[indices[s]]  # [b, K, d]
-        out[s] = torch.bmm(rows, vectors[s].unsqueeze(-1)).squeeze(-1)
-    return out
+    n_tokens, k = indices.shape
+    crow = torch.arange(0, n_tokens * k + 1, k, device=indices.device)
+    pattern = _csr(crow, indices.reshape(-1), vectors.new_zeros(n_tokens * k), (n_tokens, table.shape[0]))
+    with torch.autocast(indices.device.type, enabled=False):  # backward may run inside autocast
+        return torch.sparse.sampled_addmm(pattern, vectors, table.T, beta=0.0).values().view(n_tokens, k)
 
 
-def scatter_outer(indices: Tensor, coeffs: Tensor, vectors: Tensor, n_rows: int, dtype: torch.dtype) -> Tensor:
-    """out[n] = Σ_{(b, k): indices[b, k] = n} coeffs[b, k] · vectors[b].  -> [n_rows, d] in `dtype`.
+def scatter_outer(indices: Tensor, coeffs: Tensor, vectors: Tensor, n_rows: int) -> Tensor:
+    """out[n] = Σ_{(b, k): indices[b, k] = n} coeffs[b, k] · vectors[b].  -> [n_rows, d].
 
-    Accumulates in `dtype` (the parameter's), so bf16 products still sum in fp32.
+    Aᵀ as a CSR [n_rows, B] matrix (the K·B pairs sorted by row) times vectors [B, d].
     """
-    out = torch.zeros(n_rows, vectors.shape[1], dtype=dtype, device=vectors.device)
-    for s in _token_chunks(*indices.shape, vectors.shape[1]):
-        outer = coeffs[s].unsqueeze(-1) * vectors[s].unsqueeze(1)  # [b, K, d]
-        out.index_add_(0, indices[s].reshape(-1), outer.reshape(-1, vectors.shape[1]).to(dtype))
-    return out
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    crow = flat.new_zeros(n_rows + 1)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    a_t = _csr(crow, order // indices.shape[1], coeffs.reshape(-1)[order].to(vectors.dtype), (n_rows, len(vectors)))
+    with torch.autocast(indices.device.type, enabled=False):  # backward may run inside autocast
+        return a_t @ vectors
 
 
 class TopKLinear(torch.autograd.Function):
@@ -71,51 +88,59 @@ class TopKLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int):
         dtype = compute_dtype(x, weight)
-        logits = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))  # [B, N]
-        top, indices = logits.topk(k, dim=-1, sorted=False)
-        del logits
-        values = top.relu()
+        x_c, w_c, b_c = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        values = x_c.new_empty(len(x), k)
+        indices = torch.empty(len(x), k, dtype=torch.int64, device=x.device)
+        step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, len(x), step):
+            block = slice(start, start + step)
+            logits = F.linear(x_c[block], w_c, b_c)  # [step, N]
+            torch.topk(logits, k, dim=-1, sorted=False, out=(values[block], indices[block]))
+        values.relu_()
         ctx.save_for_backward(x, weight, indices, values)
         ctx.has_bias = bias is not None
-        ctx.dtype = dtype
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _grad_indices):
         x, weight, indices, values = ctx.saved_tensors
-        dtype = ctx.dtype
+        dtype = sparse_dtype(torch.promote_types(x.dtype, weight.dtype))
         grad_logits = (grad_values * (values > 0)).to(dtype)  # [B, K]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = gather_sum(indices, grad_logits, weight.to(dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = scatter_outer(indices, grad_logits, x.to(dtype), weight.shape[0], weight.dtype)
+            grad_weight = scatter_outer(indices, grad_logits, x.to(dtype), weight.shape[0]).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
-            grad_bias.index_add_(0, indices.reshape(-1), grad_logits.reshape(-1).to(weight.dtype))
+            grad_bias = grad_logits.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad_logits.reshape(-1))
+            grad_bias = grad_bias.to(weight.dtype)
         return grad_x, grad_weight, grad_bias, None
 
 
 class SparseDecode(torch.autograd.Function):
-    """out = Σ_k values[:, k] · table[indices[:, k]]; backward gathers/scatters K rows per token."""
+    """out = Σ_k values[:, k] · table[indices[:, k]]; backward gathers/scatters K rows per token.
+
+    Under autocast the sum runs in the inputs' own dtype (the table is not copied to bf16) and only
+    the [B, d] result is cast.
+    """
 
     @staticmethod
     def forward(ctx, indices: Tensor, values: Tensor, table: Tensor):
-        dtype = compute_dtype(values, table)
+        dtype = torch.promote_types(values.dtype, table.dtype)
         ctx.save_for_backward(indices, values, table)
-        ctx.dtype = dtype
-        return gather_sum(indices, values.to(dtype), table.to(dtype))
+        return gather_sum(indices, values.to(dtype), table.to(dtype)).to(compute_dtype(values, table))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         indices, values, table = ctx.saved_tensors
-        grad_out = grad_out.to(ctx.dtype)
+        dtype = sparse_dtype(torch.promote_types(values.dtype, table.dtype))
+        grad_out = grad_out.to(dtype)
         grad_values = grad_table = None
         if ctx.needs_input_grad[1]:
-            grad_values = gather_dot(indices, grad_out, table.to(ctx.dtype)).to(values.dtype)
+            grad_values = gather_dot(indices, grad_out, table.to(dtype)).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_table = scatter_outer(indices, values.to(ctx.dtype), grad_out, table.shape[0], table.dtype)
+            grad_table = scatter_outer(indices, values.to(dtype), grad_out, table.shape[0]).to(table.dtype)
         return None, grad_values, grad_table
 
 
