@@ -1,11 +1,14 @@
-"""Training on a tiny harvested cache: learning, checkpoints, bit-exact resume after kill -9, errors."""
+"""Training on a tiny harvested cache or streamed activations: learning, checkpoints, bit-exact resume
+after kill -9, several runs, torchrun (replicated and spread), trackers, errors."""
 
+import importlib.machinery
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from safetensors.torch import load_file
 import mxd
 from mxd.activations import HarvestConfig, harvest
 from mxd.data import DataConfig
-from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig, TrainingDiverged
+from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig, TrainingDiverged, train_runs
 
 CTX = 32
 
@@ -181,4 +184,140 @@ def test_bad_input(caches, tmp_path):
     with pytest.raises(ValueError, match="holds the same split of the same data"):
         Trainer(_cfg(caches, tmp_path / "b", val_cache=caches[0]), progress=False)
     with pytest.raises(ValueError, match="not layer 2 of"):
-        Trainer(_cfg(caches, tmp_path / "c", layer=2), progress=False)
+        Trainer(_cfg(caches, tmp_path / "c", layers=[2]), progress=False)
+
+    with pytest.raises(ValueError, match="give exactly one source: cache .* or model"):
+        _cfg(caches, tmp_path / "d", model="smollm2-135m")
+    with pytest.raises(ValueError, match="give exactly one source"):
+        _cfg(caches, tmp_path / "d", cache=None)
+    with pytest.raises(ValueError, match="log_to='mlflow' is invalid: valid values are tensorboard, wandb"):
+        _cfg(caches, tmp_path / "d", log_to=["mlflow"])
+    with pytest.raises(ValueError, match="the config names 2 runs"):
+        Trainer(_cfg(caches, tmp_path / "e", ks=[2, 4]), progress=False)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_batch_must_divide_across_ranks(caches, tmp_path, monkeypatch):
+    monkeypatch.setattr("mxd.train.rank_and_world", lambda: (0, 3))
+    with pytest.raises(ValueError, match="batch_tokens=256 does not divide across 3 ranks"):
+        Trainer(_cfg(caches, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_ks_and_layers_from_one_cache(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "grid", ks=[2, 4], train_tokens=20 * 256)
+    runs = train_runs(cfg, progress=False)
+    assert [p.name for p in runs] == ["k2", "k4"]
+    for run, k in zip(runs, (2, 4)):
+        saved = json.loads((run / "config.json").read_text())
+        assert saved["sparse"]["k"] == k and saved["ks"] is None and saved["out"] == str(run)
+        assert mxd.load(run / "final").config.k == k
+        val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_nmse" in line]
+        assert 0 < val[-1]["val_l0"] <= k
+    names = [r.out for r in _cfg(caches, tmp_path / "g", layers=[1, 3], ks=[8, 16]).runs()]
+    assert names == [str(tmp_path / "g" / n) for n in ("layer1-k8", "layer1-k16", "layer3-k8", "layer3-k16")]
+
+
+def _stream_cfg(tiny_model_dir, text_dir, out, **kw):
+    args = dict(out=str(out), model=str(tiny_model_dir), layers=[1], train_tokens=60 * 256, batch_tokens=256,
+                buffer_tokens=2048, val_tokens=1024, eval_every=20, checkpoint_every=10, log_every=5,
+                data=DataConfig(source=str(text_dir), context_len=CTX), sparse=LayerSpec(kind="mxd", k=4, expansion=4),
+                optim=OptimConfig(lr=3e-3, warmup_steps=10))
+    return TrainConfig(**(args | kw))
+
+
+def test_training_from_streamed_activations_learns_and_resumes_bit_exactly(tiny_model_dir, text_dir, tmp_path):
+    Trainer(_stream_cfg(tiny_model_dir, text_dir, tmp_path / "whole"), progress=False).train()
+    val = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines() if "val_nmse" in line]
+    assert len(val) == 3 and val[-1]["val_nmse"] < 0.7 * val[0]["val_nmse"]
+    # Ctrl-C after 25 steps, then resume: the stream is replayed to the checkpointed step
+    trainer = Trainer(_stream_cfg(tiny_model_dir, text_dir, tmp_path / "split"), progress=False)
+    step = trainer._train_step
+
+    def interrupting(x, y):
+        if trainer.step == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(x, y)
+
+    trainer._train_step = interrupting
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "split" / "checkpoints" / "step-26").exists()
+    Trainer(_stream_cfg(tiny_model_dir, text_dir, tmp_path / "split", resume=True), progress=False).train()
+    resumed, whole = _final_weights(tmp_path / "split"), _final_weights(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_tensorboard_receives_the_metrics(caches, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    Trainer(_cfg(caches, tmp_path / "run", train_tokens=40 * 256, log_to=["tensorboard"]), progress=False).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("nmse", "val_nmse", "tokens_per_s"):
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(key)] == logged
+
+
+def test_wandb_receives_the_metrics(caches, tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    run = types.SimpleNamespace(log=lambda data, step: calls.append((step, data)), finish=lambda: calls.append("finish"))
+    fake.init = lambda **kw: calls.append(kw) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    Trainer(_cfg(caches, tmp_path / "run", train_tokens=20 * 256, log_to=["wandb"]), progress=False).train()
+    init, logs, end = calls[0], calls[1:-1], calls[-1]
+    assert init["name"] == "run" and init["config"]["train_tokens"] == 20 * 256 and end == "finish"
+    assert [step for step, _ in logs] == [5, 10, 15, 20, 20] and "val_nmse" in logs[-1][1] and "nmse" in logs[0][1]
+
+
+def _torchrun(*args, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "mxd", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+def _train_args(caches, out, *extra):
+    return ["train", "--cache", caches[0], "--val-cache", caches[1], "--out", str(out), "--train-tokens", str(60 * 256),
+            "--batch-tokens", "256", "--eval-every", "40", "--checkpoint-every", "25", "--log-every", "5",
+            "--kind", "mxd", "--k", "4", "--expansion", "4", "--lr", "3e-3", "--warmup-steps", "10", *extra]
+
+
+def test_torchrun_replicated_training_matches_one_process(caches, tmp_path):
+    result = _torchrun(*_train_args(caches, tmp_path / "two", "--aux-k", "4", "--dead-window", "512",
+                                    "--balance-coef", "0.01"), port=29541)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = _cfg(caches, tmp_path / "one", train_tokens=60 * 256, aux_k=4, dead_window=512, balance_coef=0.01)
+    Trainer(cfg, progress=False).train()
+    two, one = _final_weights(tmp_path / "two"), _final_weights(tmp_path / "one")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    lines = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    m2, m1 = lines(tmp_path / "two"), lines(tmp_path / "one")
+    assert [r["step"] for r in m2] == [r["step"] for r in m1]  # rank 0 alone wrote: no duplicate records
+    assert m2[0]["ranks"] == 2 and m1[0]["ranks"] == 1
+    for r2, r1 in zip(m2, m1):
+        for key in ("loss", "nmse", "l0", "dead", "val_nmse", "val_l0", "val_dead"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+
+
+def test_torchrun_spread_places_runs_on_ranks(caches, tmp_path):
+    result = _torchrun(*_train_args(caches, tmp_path / "grid", "--ks", "2", "4", "--placement", "spread",
+                                    "--train-tokens", str(20 * 256)), port=29542)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for k in (2, 4):  # each rank trained its run alone: identical to a one-process run of that config
+        Trainer(_cfg(caches, tmp_path / f"one-k{k}", train_tokens=20 * 256, sparse=LayerSpec(kind="mxd", k=k, expansion=4)),
+                progress=False).train()
+        spread, one = _final_weights(tmp_path / "grid" / f"k{k}"), _final_weights(tmp_path / f"one-k{k}")
+        assert all(torch.equal(spread[key], one[key]) for key in one)
+
+
+def test_torchrun_batch_that_does_not_divide_is_refused(caches, tmp_path):
+    result = _torchrun(*_train_args(caches, tmp_path / "run", "--batch-tokens", "255"), port=29543)
+    assert result.returncode != 0
+    assert "mxd train: error: batch_tokens=255 does not divide across 2 ranks" in result.stderr
+    assert "Traceback" not in result.stderr.split("mxd train: error")[0].split("\n")[-1]
+    assert not (tmp_path / "run").exists()

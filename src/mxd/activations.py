@@ -105,7 +105,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -145,9 +145,16 @@ def _check_identity(existing: dict, wanted: dict, where: Path) -> None:
         raise ValueError(f"{where} holds a different harvest ({'; '.join(diffs)}); choose another output folder")
 
 
+def site_dims(model, site: MLPSite) -> tuple[int, int]:
+    """(d_in, d_out) of the MLP at `site`, read from one two-token forward pass."""
+    device = next(model.parameters()).device
+    x, y = mlp_activations(model, torch.zeros(1, 2, dtype=torch.long, device=device), [site])[site.layer]
+    return x.shape[-1], y.shape[-1]
+
+
 def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = True) -> "ActivationCache":
     """Write (x, y) of every layer in `cfg.layers` for up to cfg.max_tokens tokens; resumes if interrupted."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.model_dtype], device=cfg.device)
     sites = [find_mlp(model, layer, cfg.module_path) for layer in cfg.layers]
@@ -155,8 +162,7 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
 
     ctx = cfg.data.context_len
-    probe = mlp_activations(model, torch.zeros(1, 2, dtype=torch.long, device=cfg.device), sites)
-    d_in, d_out = probe[cfg.layers[0]][0].shape[-1], probe[cfg.layers[0]][1].shape[-1]
+    d_in, d_out = site_dims(model, sites[0])
     wanted = _manifest_for(cfg, sites, d_in, d_out, world, host_mlp(model, sites[0]))
     if (out / MANIFEST).exists():
         _check_identity(json.loads((out / MANIFEST).read_text()), wanted, out)
@@ -332,15 +338,17 @@ class ActivationCache:
 def stream_activations(
     model, tokenizer, site: MLPSite, data: DataConfig, split: str = "train", batch_size: int = 4096,
     buffer_tokens: int = 262_144, forward_batch: int = 32, seed: int = 0, progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(x, y) batches [batch_size, d] computed on the fly through a shuffling buffer.
+    """(x, y) batches [batch_size, d] computed on the fly through a shuffling buffer, one pass over the split.
 
     The buffer holds `buffer_tokens` rows; whenever it is full it is shuffled and its first half is
-    served, so consecutive batches mix tokens from many documents.
+    served, so consecutive batches mix tokens from many documents. `shard=(r, n)` reads only blocks
+    r, r + n, r + 2n, ... (rank r of n). The same arguments give the same batches.
     """
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    blocks = token_blocks(iter_documents(data, split), tokenizer, data.context_len)
+    blocks = islice(token_blocks(iter_documents(data, split), tokenizer, data.context_len), shard[0], None, shard[1])
     xs: list[Tensor] = []  # pieces of the buffer, [n, d_in] and [n, d_out]
     ys: list[Tensor] = []
     bar = tqdm(unit="tok", unit_scale=True, desc="activations", disable=not progress)

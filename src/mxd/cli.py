@@ -26,7 +26,8 @@ import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
 from mxd.demo import DemoConfig, format_table, run_demo
-from mxd.train import Trainer, TrainConfig, TrainingDiverged
+from mxd.layers import load
+from mxd.train import TrainConfig, TrainingDiverged, train_runs
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -115,18 +116,19 @@ def _cmd_harvest(cfg: HarvestConfig) -> None:
 
 
 def _cmd_train(cfg: TrainConfig) -> None:
-    trainer = Trainer(cfg)
     try:
-        layer = trainer.train()
+        runs = train_runs(cfg)
     except KeyboardInterrupt:
-        print(f"mxd train: interrupted at step {trainer.step}; checkpoint saved, continue with --resume --out {cfg.out}",
-              file=sys.stderr)
+        print(f"mxd train: interrupted; checkpoint saved, continue with --resume --out {cfg.out}", file=sys.stderr)
         sys.exit(130)
     except TrainingDiverged as e:
         print(f"mxd train: error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"trained {type(layer).__name__} ({layer.param_count():,} parameters, {layer.n_latents:,} latents, "
-          f"k={cfg.sparse.k}) in {cfg.out}/final; metrics in {cfg.out}/metrics.jsonl")
+    if int(os.environ.get("RANK", "0")) == 0 or cfg.placement == "spread":
+        for run in runs:
+            layer = load(run / "final")
+            print(f"trained {type(layer).__name__} ({layer.param_count():,} parameters, {layer.n_latents:,} latents, "
+                  f"k={layer.config.k}) in {run}/final; metrics in {run}/metrics.jsonl")
 
 
 def _cmd_demo(cfg: DemoConfig) -> None:
@@ -137,7 +139,7 @@ def _cmd_demo(cfg: DemoConfig) -> None:
 
 COMMANDS = {
     "harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache"),
-    "train": (TrainConfig, _cmd_train, "train an MxD or a transcoder on a harvested cache"),
+    "train": (TrainConfig, _cmd_train, "train MxDs or transcoders on a harvested cache or streamed activations"),
     "demo": (DemoConfig, _cmd_demo, "harvest the embedded model, train an MxD and a matched transcoder, compare"),
 }
 

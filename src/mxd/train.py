@@ -1,7 +1,8 @@
-"""Train a sparse layer (MxD or a transcoder) to reproduce one MLP from a harvested activation cache.
+"""Train sparse layers (MxD or transcoders) to reproduce MLPs, from a harvested cache or streamed activations.
 
-    run = Trainer(TrainConfig(cache="cache/L15", val_cache="cache/L15-val", out="runs/mxd"))
-    run.train()
+    Trainer(TrainConfig(cache="cache/L15", val_cache="cache/L15-val", out="runs/mxd")).train()
+    train_runs(TrainConfig(model="smollm2-135m", layers=[8, 15], ks=[16, 32], out="runs/grid"))
+    torchrun --nproc_per_node=2 -m mxd train --cache cache/L15 ...    (ranks split every batch)
 
 A run folder holds `config.json` (the TrainConfig), `metrics.jsonl` (one record per logged step
 and per evaluation), `final/` (the trained layer: `mxd.load`-able) and `checkpoints/step-N/`
@@ -19,21 +20,27 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from itertools import count, islice
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mxd.activations import ActivationCache
+from mxd.activations import DTYPES, ActivationCache, rank_and_world, site_dims, stream_activations
+from mxd.data import DataConfig
 from mxd.layers import MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load, match_n_experts
+from mxd.models import find_mlp, host_mlp, load_model
 from mxd.sparse_ops import sparse_decode
+from mxd.tracking import MetricsLogger, check_trackers
 
 KINDS = ("mxd", "transcoder", "skip_transcoder")
 DECAYS = ("constant", "linear", "cosine")
 LOSSES = ("nmse", "token_nmse")
+PLACEMENTS = ("replicate", "spread")
 
 
 @dataclass
@@ -112,25 +119,42 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run.
+    """A training run, or several runs from one source (one per layer in `layers` and K in `ks`).
 
-    out: run folder; cache: harvested training activations; val_cache: held-out activations for
-    validation (harvest with --split validation); layer: the cache's layer to train (default: its
-    first); train_tokens: training budget (epochs over the cache as needed); batch_tokens: tokens
-    per optimiser step; seed: layer init and data order; autocast: none or bf16; loss: nmse
-    (sum of squared errors / sum of squared targets, per batch) or token_nmse (the paper's
-    per-token squared error / target norm, averaged); eval_every: steps between validations;
-    val_tokens: held-out tokens per validation; checkpoint_every: steps between checkpoints;
-    keep_last: checkpoints kept besides the best; dead_window: tokens without firing after which a
-    latent counts as dead; aux_k: latents in the dead-latent auxiliary loss (0: off); aux_coef: its
-    weight; balance_coef: weight of the load-balancing loss (0: off); log_every: steps between
-    metrics records; resume: continue the run in out from its newest checkpoint
+    out: run folder (with several layers or ks, a folder holding one run folder per layer and K,
+    named layer{L}-k{K}); cache: harvested training activations; val_cache: held-out activations for
+    validation (harvest with --split validation); model: stream activations from this model instead
+    of a cache (embedded name, folder or Hub id); module_path: override of the MLP module when
+    streaming; model_dtype: fp32 or bf16, the dtype the streamed model runs in; buffer_tokens:
+    shuffle buffer of streamed activations; device: cpu, cuda or cuda:N (under torchrun, cuda is
+    each rank's own GPU); layers: MLP layers to train, one run each (default: the cache's first);
+    ks: one run per K in this list (instead of k); placement: under torchrun, replicate (every rank
+    takes an equal share of every batch and gradients are summed across ranks) or spread (run i
+    trains alone on rank i mod world size); train_tokens: training budget per run (epochs over the
+    data as needed); batch_tokens: tokens per optimiser step, over all ranks; seed: layer init and
+    data order; autocast: none or bf16; loss: nmse (sum of squared errors / sum of squared targets,
+    per batch) or token_nmse (the paper's per-token squared error / target norm, averaged);
+    eval_every: steps between validations; val_tokens: held-out tokens per validation (streamed
+    from the validation split when there is no val_cache and the source is a model);
+    checkpoint_every: steps between checkpoints; keep_last: checkpoints kept besides the best;
+    dead_window: tokens without firing after which a latent counts as dead; aux_k: latents in the
+    dead-latent auxiliary loss (0: off); aux_coef: its weight; balance_coef: weight of the
+    load-balancing loss (0: off); log_every: steps between metrics records; log_to: trackers fed
+    besides metrics.jsonl: tensorboard, wandb; resume: continue the run(s) in out from the newest
+    checkpoint
     """
 
     out: str = "runs/mxd"
-    cache: str = "cache/activations"
+    cache: str | None = None
     val_cache: str | None = None
-    layer: int | None = None
+    model: str | None = None
+    module_path: str | None = None
+    model_dtype: str = "fp32"
+    buffer_tokens: int = 262_144
+    device: str = "cpu"
+    layers: list[int] | None = None
+    ks: list[int] | None = None
+    placement: str = "replicate"
     train_tokens: int = 1_000_000
     batch_tokens: int = 1024
     seed: int = 0
@@ -145,20 +169,35 @@ class TrainConfig:
     aux_coef: float = 1 / 32
     balance_coef: float = 0.0
     log_every: int = 10
+    log_to: list[str] = field(default_factory=list)
     resume: bool = False
     sparse: LayerSpec = field(default_factory=LayerSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self):
-        if isinstance(self.sparse, dict):
-            self.sparse = LayerSpec(**self.sparse)
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
+        for name, cls in (("sparse", LayerSpec), ("optim", OptimConfig), ("data", DataConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if (self.cache is None) == (self.model is None):
+            raise ValueError(f"give exactly one source: cache (a harvested cache) or model (stream activations); "
+                             f"got cache={self.cache!r}, model={self.model!r}")
+        if self.model is not None and not self.layers:
+            raise ValueError("layers is required when streaming from a model: which MLP to train")
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast={self.autocast!r} is invalid: valid values are 'none', 'bf16'")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is invalid: valid values are {', '.join(LOSSES)}")
-        for name in ("batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window"):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r} is invalid: valid values are {', '.join(PLACEMENTS)}")
+        for name in ("layers", "ks"):
+            values = getattr(self, name)
+            if values is not None and (not values or len(set(values)) != len(values) or min(values) < (name == "ks")):
+                raise ValueError(f"{name}={values} is invalid: give distinct values >= {int(name == 'ks')}")
+        check_trackers(self.log_to)
+        for name in ("batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window", "buffer_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.train_tokens < self.batch_tokens:
@@ -168,6 +207,15 @@ class TrainConfig:
     def steps(self) -> int:
         return self.train_tokens // self.batch_tokens
 
+    def runs(self) -> list[TrainConfig]:
+        """One config per (layer, K): this config itself when it names a single run."""
+        layers, ks = self.layers or [None], self.ks or [self.sparse.k]
+        if len(layers) * len(ks) == 1:
+            return [replace(self, ks=None, sparse=replace(self.sparse, k=ks[0]))]
+        return [replace(self, out=str(Path(self.out) / (f"layer{layer}-k{k}" if layer is not None else f"k{k}")),
+                        layers=None if layer is None else [layer], ks=None, sparse=replace(self.sparse, k=k))
+                for layer in layers for k in ks]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -176,15 +224,19 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
 
 
-def reconstruction_loss(y_hat: Tensor, y: Tensor, kind: str = "nmse") -> Tensor:
-    """nmse: Σ‖ŷ−y‖² / Σ‖y‖² over the batch; token_nmse: mean over tokens of ‖ŷ−y‖² / ‖y‖."""
+def reconstruction_loss(y_hat: Tensor, y: Tensor, kind: str = "nmse", denom: Tensor | None = None) -> Tensor:
+    """nmse: Σ‖ŷ−y‖² / Σ‖y‖² over the batch; token_nmse: Σ_tokens ‖ŷ−y‖² / ‖y‖, over the token count.
+
+    `denom` replaces the batch's own Σ‖y‖² (nmse) or token count (token_nmse): with the whole
+    batch's denominator, the losses of a batch's shards sum to the batch's loss.
+    """
     err = (y_hat.float() - y.float()).pow(2).sum(-1)  # [B]
     if kind == "nmse":
-        return err.sum() / y.float().pow(2).sum().clamp_min(1e-12)
-    return (err / y.float().norm(dim=-1).clamp_min(1e-6)).mean()
+        return err.sum() / (y.float().pow(2).sum() if denom is None else denom).clamp_min(1e-12)
+    return (err / y.float().norm(dim=-1).clamp_min(1e-6)).sum() / (len(y) if denom is None else denom)
 
 
-def _aux_dead_loss(layer: SparseLayer, x: Tensor, residual: Tensor, dead: Tensor, k: int) -> Tensor:
+def _aux_dead_loss(layer: SparseLayer, x: Tensor, residual: Tensor, dead: Tensor, k: int, all_sum) -> Tensor:
     """AuxK: how well the top-k dead latents alone reconstruct the residual y − ŷ.
 
     Only the dead latents' own parameters (router/encoder rows, modulators/decoder rows) get its
@@ -199,45 +251,153 @@ def _aux_dead_loss(layer: SparseLayer, x: Tensor, residual: Tensor, dead: Tensor
         out = layer.decoder(layer.hidden(x)).detach() * sparse_decode(indices, values, layer.modulators)
     else:
         out = sparse_decode(indices, values, layer.decoder)
-    return reconstruction_loss(out, residual.detach())
+    residual = residual.detach().float()
+    return reconstruction_loss(out, residual, denom=all_sum(residual.pow(2).sum()))
 
 
-def _balance_loss(codes: SparseCodes, n: int) -> Tensor:
+def _balance_loss(codes: SparseCodes, n: int, all_sum) -> Tensor:
     """Switch-style N · Σ_n f_n p_n: f_n the share of routing slots, p_n the share of coefficient mass."""
-    f = torch.zeros(n, device=codes.indices.device).index_add_(0, codes.indices.flatten(), torch.ones(codes.indices.numel(), device=codes.indices.device))
+    flat = codes.indices.flatten()
+    slots = all_sum(torch.zeros(n, device=flat.device).index_add_(0, flat, torch.ones(len(flat), device=flat.device)))
     v = codes.values.float()
-    p = torch.zeros(n, device=v.device).index_add(0, codes.indices.flatten(), (v / v.sum(-1, keepdim=True).clamp_min(1e-9)).flatten())
-    return n * (f / f.sum() * p / len(v)).sum()
+    mass = torch.zeros(n, device=v.device).index_add(0, flat, (v / v.sum(-1, keepdim=True).clamp_min(1e-9)).flatten())
+    tokens = all_sum(torch.tensor(float(len(v)), device=v.device))
+    return n * (slots / slots.sum() * mass / tokens).sum()
 
 
 class Trainer:
-    """Trains `config.sparse` on a cache; see the module docstring for what a run folder holds."""
+    """Trains `config.sparse` on one layer; see the module docstring for what a run folder holds.
 
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    Under torchrun (an initialised process group) the ranks train one layer together unless
+    `distributed=False`: each takes an equal share of every batch, the losses are normalised by the
+    whole batch's denominators and gradients are summed across ranks, so the result equals a
+    one-process run with the same batch up to floating-point summation order. Only rank 0 writes.
+    """
+
+    def __init__(self, config: TrainConfig, progress: bool = True, distributed: bool | None = None,
+                 model=None, tokenizer=None):
+        if len(config.runs()) > 1:
+            raise ValueError(f"the config names {len(config.runs())} runs (layers x ks); train them with train_runs")
         self.cfg = config
         self.progress = progress
+        rank, world = rank_and_world()
+        self.sync = world > 1 and distributed is not False
+        self.rank, self.world = (rank, world) if self.sync else (0, 1)
+        self.writes = self.rank == 0
+        if config.batch_tokens % self.world:
+            raise ValueError(f"batch_tokens={config.batch_tokens} does not divide across {self.world} ranks")
+        self.device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if config.device == "cuda" else config.device)
         self.out = Path(config.out)
-        self.cache = ActivationCache(config.cache)
-        self.layer_index = config.layer if config.layer is not None else self.cache.layers[0]
-        self.cache.check_matches(self.cache.manifest["model"], self.layer_index)
-        self.val = ActivationCache(config.val_cache) if config.val_cache else None
-        if self.val is not None:
-            self.val.check_matches(self.cache.manifest["model"], self.layer_index)
-            if self.val.manifest["split"] == self.cache.manifest["split"] and self.val.manifest["data"] == self.cache.manifest["data"]:
-                raise ValueError(f"val_cache {config.val_cache} holds the same split of the same data as the training cache")
+        self.val = self.cache = None
+        if config.cache is not None:
+            d_in, d_out, host = self._open_caches()
+        else:
+            d_in, d_out, host = self._open_stream(model, tokenizer)
         self._prepare_out()
         torch.manual_seed(config.seed)
-        m = self.cache.manifest
-        self.layer = config.sparse.build(m["d_in"], m["d_out"], m["host_mlp"])
+        self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
         opt_cls = torch.optim.AdamW if config.optim.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.layer.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                            weight_decay=config.optim.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: config.optim.lr_factor(s, config.steps))
         self.step = 0
         self.best_val = math.inf
-        self.last_fired = torch.zeros(self.layer.n_latents, dtype=torch.long)  # token count at last firing
+        self.last_fired = torch.zeros(self.layer.n_latents, dtype=torch.long, device=self.device)  # tokens seen at last firing
         if config.resume:
             self._load_checkpoint()
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def _open_caches(self) -> tuple[int, int, dict]:
+        cfg = self.cfg
+        self.cache = ActivationCache(cfg.cache)
+        model = self.cache.manifest["model"]
+        self.layer_index = cfg.layers[0] if cfg.layers else self.cache.layers[0]
+        self.cache.check_matches(model, self.layer_index)
+        if cfg.val_cache:
+            self.val = ActivationCache(cfg.val_cache)
+            self.val.check_matches(model, self.layer_index)
+            if self.val.manifest["split"] == self.cache.manifest["split"] and self.val.manifest["data"] == self.cache.manifest["data"]:
+                raise ValueError(f"val_cache {cfg.val_cache} holds the same split of the same data as the training cache")
+        m = self.cache.manifest
+        return m["d_in"], m["d_out"], m["host_mlp"]
+
+    def _open_stream(self, model, tokenizer) -> tuple[int, int, dict]:
+        cfg = self.cfg
+        if model is None:
+            model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.model_dtype], device=self.device)
+        self.model, self.tokenizer = model, tokenizer
+        self.layer_index = cfg.layers[0]
+        self.site = find_mlp(model, self.layer_index, cfg.module_path)
+        d_in, d_out = site_dims(model, self.site)
+        if cfg.val_cache:
+            self.val = ActivationCache(cfg.val_cache)
+            self.val.check_matches(cfg.model, self.layer_index)
+        else:  # hold val_tokens of the validation split in memory
+            val = list(islice(self._stream("validation", 4096, seed=0), math.ceil(cfg.val_tokens / 4096)))
+            if not val:
+                raise ValueError(f"the validation split of source {cfg.data.source!r} gives fewer than 4096 tokens")
+            self.val_batches = val
+        return d_in, d_out, host_mlp(model, self.site)
+
+    def _stream(self, split: str, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
+        return stream_activations(self.model, self.tokenizer, self.site, self.cfg.data, split, batch_size=batch_size,
+                                  buffer_tokens=self.cfg.buffer_tokens, seed=seed, progress=False, shard=shard)
+
+    def _batches(self):
+        """This rank's share (x, y) of every batch from the current step on, epoch after epoch."""
+        cfg, share = self.cfg, self.cfg.batch_tokens // self.world
+        if self.cache is None:  # resuming replays the stream up to the current step
+            yield from islice(self._stream_epochs(), self.step, None)
+            return
+        per_epoch = self.cache.n_tokens // cfg.batch_tokens
+        if per_epoch == 0:
+            raise ValueError(f"batch_tokens={cfg.batch_tokens} exceeds the cache's {self.cache.n_tokens} tokens")
+        step = self.step
+        while True:
+            epoch, start = divmod(step, per_epoch)
+            for x, y in self.cache.batches(self.layer_index, cfg.batch_tokens, seed=cfg.seed, epoch=epoch, start=start):
+                if len(x) < cfg.batch_tokens:
+                    break
+                rows = slice(self.rank * share, (self.rank + 1) * share)
+                yield x[rows], y[rows]
+                step += 1
+
+    def _stream_epochs(self):
+        """Streamed batches, epoch after epoch; rank r reads its own share of the documents (blocks r mod world)."""
+        share = self.cfg.batch_tokens // self.world
+        for epoch in count():
+            served = 0
+            for batch in self._stream("train", share, seed=self.cfg.seed * 1_000_003 + epoch, shard=(self.rank, self.world)):
+                served += 1
+                yield batch
+            if not served:
+                raise ValueError(f"source {self.cfg.data.source!r} gives fewer than batch_tokens={self.cfg.batch_tokens} tokens")
+
+    def _val_iter(self):
+        """Full validation batches (x, y), up to 4096 rows each."""
+        if self.val is not None:
+            return self.val.batches(self.layer_index, 4096, shuffle=False)
+        return iter(self.val_batches)
+
+    # --- collectives ---------------------------------------------------------------------------
+
+    def _all_sum(self, t: Tensor) -> Tensor:
+        """Sum of a (non-differentiable) tensor over the ranks training this layer."""
+        t = t.detach().clone()
+        if self.sync:
+            dist.all_reduce(t)
+        return t
+
+    def _sum_gradients(self) -> None:
+        params = list(self.layer.parameters())
+        flat = self._all_sum(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+    def _barrier(self) -> None:
+        if self.sync:
+            dist.barrier()
 
     # --- run folder ----------------------------------------------------------------------------
 
@@ -253,13 +413,10 @@ class Trainer:
                 raise ValueError(f"cannot resume {self.out} with a different config (differs in: {', '.join(diffs)})")
         elif self.cfg.resume:
             raise ValueError(f"nothing to resume: {self.out} holds no run")
-        else:
+        self._barrier()  # every rank has checked before rank 0 writes
+        if self.writes and not config_path.exists():
             self.out.mkdir(parents=True, exist_ok=True)
             config_path.write_text(json.dumps(wanted, indent=1) + "\n")
-
-    def _log(self, record: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -273,12 +430,14 @@ class Trainer:
             raise TrainingDiverged(f"non-finite weights at step {self.step}; the last good checkpoint is kept")
         folder = self.out / "checkpoints"
         final = folder / f"step-{self.step}"
+        if not self.writes:
+            return final
         tmp = folder / f".tmp-step-{self.step}"
         shutil.rmtree(tmp, ignore_errors=True)
         self.layer.save(tmp / "layer")
         opt_state = self.opt.state_dict()
-        tensors = {f"{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
-        tensors |= {"rng": torch.get_rng_state(), "last_fired": self.last_fired}
+        tensors = {f"{i}.{k}": v.cpu() for i, s in opt_state["state"].items() for k, v in s.items()}
+        tensors |= {"rng": torch.get_rng_state(), "last_fired": self.last_fired.cpu()}
         save_file(tensors, str(tmp / "trainer.safetensors"))
         state = {"step": self.step, "best_val": self.best_val, "param_groups": opt_state["param_groups"],
                  "scheduler": self.sched.state_dict(), "is_best": is_best}
@@ -299,7 +458,7 @@ class Trainer:
             return  # the run stopped before its first checkpoint: start over
         path = checkpoints[-1]
         self.layer.load_state_dict(load(path / "layer").state_dict())
-        tensors = load_file(str(path / "trainer.safetensors"))
+        tensors = load_file(str(path / "trainer.safetensors"), device=str(self.device))
         state = json.loads((path / "state.json").read_text())
         opt_state = {"state": {}, "param_groups": state["param_groups"]}
         for key, value in tensors.items():
@@ -308,116 +467,141 @@ class Trainer:
                 opt_state["state"].setdefault(int(i), {})[name] = value
         self.opt.load_state_dict(opt_state)
         self.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng"])
+        torch.set_rng_state(tensors["rng"].cpu())
         self.last_fired = tensors["last_fired"]
         self.step, self.best_val = state["step"], state["best_val"]
 
     # --- training ------------------------------------------------------------------------------
 
-    def _batches(self):
-        """(x, y) batches from the current step on, epoch after epoch."""
-        per_epoch = self.cache.n_tokens // self.cfg.batch_tokens
-        if per_epoch == 0:
-            raise ValueError(f"batch_tokens={self.cfg.batch_tokens} exceeds the cache's {self.cache.n_tokens} tokens")
-        step = self.step
-        while True:
-            epoch, start = divmod(step, per_epoch)
-            for x, y in self.cache.batches(self.layer_index, self.cfg.batch_tokens, seed=self.cfg.seed, epoch=epoch, start=start):
-                if len(x) < self.cfg.batch_tokens:
-                    break
-                yield x, y
-                step += 1
-
     def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16")
 
     def _train_step(self, x: Tensor, y: Tensor) -> dict:
+        """One optimiser step on this rank's share [b, d] of the batch; returns the whole batch's stats."""
         cfg = self.cfg
-        x, y = x.float(), y.float()
+        x, y = x.to(self.device, torch.float32), y.to(self.device, torch.float32)
+        tokens_seen = (self.step + 1) * cfg.batch_tokens
+        dead = (tokens_seen - self.last_fired) > cfg.dead_window  # [N], the same on every rank
+        sq, n = self._all_sum(torch.stack([y.pow(2).sum(), torch.tensor(float(len(y)), device=self.device)]))
         with self._autocast():
             y_hat, codes = self.layer(x)
-            loss = reconstruction_loss(y_hat, y, cfg.loss)
+            loss = reconstruction_loss(y_hat, y, cfg.loss, sq if cfg.loss == "nmse" else n)
             total = loss
             if cfg.sparse.sparsity == "l1" and cfg.sparse.kind != "mxd":
-                total = total + cfg.sparse.l1_coef * self.layer.l1_penalty(codes)
-            tokens_seen = (self.step + 1) * cfg.batch_tokens
-            dead = (tokens_seen - self.last_fired) > cfg.dead_window
+                total = total + cfg.sparse.l1_coef * self.layer.l1_penalty(codes) * len(y) / n
             if cfg.aux_k and dead.any():
-                total = total + cfg.aux_coef * _aux_dead_loss(self.layer, x, y - y_hat, dead, cfg.aux_k)
+                total = total + cfg.aux_coef * _aux_dead_loss(self.layer, x, y - y_hat.float(), dead, cfg.aux_k, self._all_sum)
             if cfg.balance_coef:
-                total = total + cfg.balance_coef * _balance_loss(codes, self.layer.n_latents)
-        if not torch.isfinite(total):
-            raise TrainingDiverged(f"the loss became {total.item()} at step {self.step}; the last good checkpoint is kept")
+                total = total + cfg.balance_coef * _balance_loss(codes, self.layer.n_latents, self._all_sum)
+        active = codes.values > 0
+        fired = torch.zeros(self.layer.n_latents, device=self.device).index_fill_(0, codes.indices[active], 1.0)
+        err = (y_hat.float() - y).pow(2).sum()
+        summed = self._all_sum(torch.cat([torch.stack([loss, total, err, active.sum().float()]).float(), fired]))
+        loss_all, total_all, err_all, active_all = summed[:4].tolist()
+        if not math.isfinite(total_all):
+            raise TrainingDiverged(f"the loss became {total_all} at step {self.step}; the last good checkpoint is kept")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
+        if self.sync:
+            self._sum_gradients()
         self.layer.project_gradients_()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.layer.parameters(), cfg.optim.grad_clip)
         self.opt.step()
         self.sched.step()
         self.layer.normalize_weights_()
-        fired = codes.indices[codes.values > 0].unique()
-        self.last_fired[fired] = tokens_seen
-        return {"loss": loss.item(), "l0": (codes.values > 0).sum(-1).float().mean().item(),
+        self.last_fired[summed[4:] > 0] = tokens_seen
+        return {"loss": loss_all, "nmse": err_all / max(sq.item(), 1e-12), "l0": active_all / n.item(),
                 "dead": dead.float().mean().item()}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation nmse, fvu, l0 and dead (share of latents that never fired) over val_tokens tokens."""
-        err = sq = l0 = n = 0.0
-        sum_y = None
-        fired = torch.zeros(self.layer.n_latents, dtype=torch.bool)
-        for x, y in self.val.batches(self.layer_index, 4096, shuffle=False):
-            with self._autocast():
-                y_hat, codes = self.layer(x.float())
-            y = y.float()
-            err += (y_hat.float() - y).pow(2).sum().item()
-            sq += y.pow(2).sum().item()
-            sum_y = y.sum(0) if sum_y is None else sum_y + y.sum(0)
-            l0 += (codes.values > 0).sum().item()
-            fired[codes.indices[codes.values > 0]] = True
+        d_out = self.layer.config.d_out
+        sums = torch.zeros(3 + d_out + self.layer.n_latents, dtype=torch.float64, device=self.device)  # err, Σy², l0, Σy, fired
+        n = 0
+        for x, y in self._val_iter():
             n += len(y)
+            x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]  # this rank's rows
+            if len(y):
+                with self._autocast():
+                    y_hat, codes = self.layer(x.to(self.device, torch.float32))
+                y = y.to(self.device, torch.float64)
+                sums[0] += (y_hat.double() - y).pow(2).sum()
+                sums[1] += y.pow(2).sum()
+                sums[2] += (codes.values > 0).sum()
+                sums[3 : 3 + d_out] += y.sum(0)
+                sums[3 + d_out :][codes.indices[codes.values > 0]] = 1
             if n >= self.cfg.val_tokens:
                 break
-        var = sq - sum_y.pow(2).sum().item() / n
-        return {"val_nmse": err / sq, "val_fvu": err / var, "val_l0": l0 / n, "val_dead": 1 - fired.float().mean().item()}
+        sums = self._all_sum(sums)
+        err, sq, l0 = sums[:3].tolist()
+        var = sq - sums[3 : 3 + d_out].pow(2).sum().item() / n
+        return {"val_nmse": err / sq, "val_fvu": err / var, "val_l0": l0 / n,
+                "val_dead": 1 - (sums[3 + d_out :] > 0).double().mean().item()}
 
     def train(self) -> SparseLayer:
         cfg = self.cfg
+        logger = MetricsLogger(self.out, cfg.log_to, cfg.to_dict()) if self.writes else None
         bar = tqdm(total=cfg.steps * cfg.batch_tokens, initial=self.step * cfg.batch_tokens, unit="tok",
-                   unit_scale=True, desc=f"{cfg.sparse.kind} k={cfg.sparse.k}", disable=not self.progress)
+                   unit_scale=True, desc=f"{cfg.sparse.kind} layer {self.layer_index} k={cfg.sparse.k}",
+                   disable=not (self.progress and self.writes))
         start_time, start_step = time.perf_counter(), self.step
         batches = self._batches()
         interrupted = []
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main else None  # finish the step first
+        postfix = {}
         try:
             while self.step < cfg.steps:
-                if interrupted:
+                if self._all_sum(torch.tensor(float(bool(interrupted)))).item():  # any rank interrupted
                     self.save_checkpoint()
                     raise KeyboardInterrupt
                 x, y = next(batches)
                 stats = self._train_step(x, y)
                 self.step += 1
+                postfix |= {"loss": f"{stats['loss']:.4f}", "nmse": f"{stats['nmse']:.4f}", "l0": f"{stats['l0']:.1f}",
+                            "dead": f"{100 * stats['dead']:.1f}%"}
                 bar.update(cfg.batch_tokens)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     rate = (self.step - start_step) * cfg.batch_tokens / (time.perf_counter() - start_time)
-                    record = {"step": self.step, "tokens": self.step * cfg.batch_tokens, "lr": self.sched.get_last_lr()[0],
-                              "tokens_per_s": rate, **stats}
-                    self._log(record)
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", l0=f"{stats['l0']:.1f}", dead=f"{100 * stats['dead']:.1f}%")
+                    if logger:
+                        logger.log({"step": self.step, "tokens": self.step * cfg.batch_tokens,
+                                    "lr": self.sched.get_last_lr()[0], "tokens_per_s": rate, "ranks": self.world, **stats})
+                    bar.set_postfix(postfix)
                 is_best = False
-                if self.val is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    metrics = self.evaluate()
-                    self._log({"step": self.step, "tokens": self.step * cfg.batch_tokens, **metrics})
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", val_nmse=f"{metrics['val_nmse']:.4f}", dead=f"{100 * stats['dead']:.1f}%")
-                    is_best = metrics["val_nmse"] < self.best_val
-                    self.best_val = min(self.best_val, metrics["val_nmse"])
+                if self.val is not None or self.cache is None:
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        metrics = self.evaluate()
+                        if logger:
+                            logger.log({"step": self.step, "tokens": self.step * cfg.batch_tokens, **metrics})
+                        postfix["val_nmse"] = f"{metrics['val_nmse']:.4f}"
+                        bar.set_postfix(postfix)
+                        is_best = metrics["val_nmse"] < self.best_val
+                        self.best_val = min(self.best_val, metrics["val_nmse"])
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or is_best:
                     self.save_checkpoint(is_best)
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
             bar.close()
-        self.layer.save(self.out / "final")
+            if logger:
+                logger.close()
+        if self.writes:
+            self.layer.save(self.out / "final")
+        self._barrier()
         return self.layer
+
+
+def train_runs(config: TrainConfig, progress: bool = True) -> list[Path]:
+    """Train every run of `config` (one per layer and K); returns the run folders this process trained.
+
+    Under torchrun, placement "replicate" trains each run on all ranks together and "spread" gives
+    run i to rank i mod world size alone.
+    """
+    runs = config.runs()
+    rank, world = rank_and_world()
+    mine = runs[rank::world] if config.placement == "spread" else runs
+    for run in mine:
+        Trainer(run, progress=progress, distributed=config.placement == "replicate").train()
+    return [Path(run.out) for run in mine]
