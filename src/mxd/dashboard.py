@@ -9,7 +9,8 @@ head(norm(d)) − head(norm(0)) of the direction d, with the model's final norm 
 
 An expert's output on a token is a_n · (c_n ⊙ Dᵀz) for an MxD and a_n · W_d[n] for a transcoder;
 its mean output direction averages that over the tokens where it fires. The activations come from
-an activation cache (by default the run's held-out validation cache), which also holds the tokens.
+an activation cache (by default the run's held-out validation cache), which also holds the tokens,
+or, for a run that streamed its activations, from the model on its text's validation split.
 The page is one self-contained file (inline CSS, JS and images) that opens from disk; every piece of
 text in it is HTML-escaped.
 """
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -31,8 +33,9 @@ from tqdm.auto import tqdm
 
 from mxd.activations import ActivationCache
 from mxd.layers import MxD, SparseLayer
-from mxd.models import decoder_layers, load_model
-from mxd.runs import read_run
+from mxd.data import load_blocks
+from mxd.models import decoder_layers, find_mlp, mlp_activations
+from mxd.runs import RunInfo, read_run
 
 SHADES = 10  # activation shading levels in the page
 
@@ -43,8 +46,8 @@ class InspectConfig:
 
     run: training run folder (written by mxd train); out: the HTML file written; experts: expert
     (latent) indices to show, default every one that fired on the tokens read; cache: activation
-    cache to read, default the run's validation cache, else its training cache; max_tokens: tokens of
-    the cache read; examples: top-activating contexts per expert; context_left, context_right: tokens
+    cache to read, default the run's validation cache, else its training cache (a streamed run
+    without either runs the model on its text's validation split); max_tokens: tokens read; examples: top-activating contexts per expert; context_left, context_right: tokens
     shown before and after each top token; top_tokens: promoted and suppressed tokens listed per
     expert; bins: histogram bins; batch_tokens: tokens encoded at once
     """
@@ -94,35 +97,57 @@ def check_experts(experts: list[int], n_latents: int) -> None:
             raise ValueError(f"expert {e} is out of range: the layer has {n_latents} experts (0..{n_latents - 1})")
 
 
-@torch.no_grad()
-def encode_cache(layer: SparseLayer, cache: ActivationCache, layer_index: int, max_tokens: int,
-                 batch_tokens: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Encode the first max_tokens tokens of the cache, in order.
+def activations(cfg: InspectConfig, run: RunInfo, model, tokenizer) -> tuple[Tensor, int, Iterator[Tensor], str]:
+    """(token ids [T], context length, batches of MLP inputs [B, d_in] for those tokens in order, source name).
 
-    Returns tokens [T] (ids), indices [T, K], values [T, K] and output sums [N, d_out]: the sum over
-    tokens of each expert's output a_n · (its output per unit coefficient).
+    From an activation cache (cfg.cache, else the run's validation or training cache), or, for a run
+    that streamed its activations, computed from the validation split of its text source.
     """
-    tokens = torch.cat([cache.tokens(c).flatten() for c in range(len(cache.chunks))])[:max_tokens]
+    path = cfg.cache or run.val_cache or run.cache
+    if path is not None:
+        cache = ActivationCache(path)
+        cache.check_matches(run.model, run.layer_index)
+        tokens = torch.cat([cache.tokens(c).flatten() for c in range(len(cache.chunks))])[: cfg.max_tokens]
+        batches = (x for x, _ in cache.batches(run.layer_index, cfg.batch_tokens, shuffle=False))
+        return tokens, cache.manifest["context_len"], batches, str(path)
+    ctx = run.data.context_len
+    blocks = load_blocks(run.data, tokenizer, "validation", max(cfg.max_tokens, ctx))  # [n_blocks, ctx]
+    site = find_mlp(model, run.layer_index, run.module_path)
+    per_batch = max(1, cfg.batch_tokens // ctx)
+    batches = (mlp_activations(model, blocks[i : i + per_batch], [site])[run.layer_index][0].flatten(0, 1)
+               for i in range(0, len(blocks), per_batch))
+    return blocks.flatten(), ctx, batches, f"{run.data.source} (validation split)"
+
+
+@torch.no_grad()
+def encode(layer: SparseLayer, n_tokens: int, batches: Iterator[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode the first n_tokens rows of the batches of MLP inputs.
+
+    Returns indices [T, K], values [T, K] and output sums [N, d_out]: the sum over tokens of each
+    expert's output a_n · (its output per unit coefficient).
+    """
     indices, values, done = [], [], 0
     sums = torch.zeros(layer.n_latents, layer.config.d_out)  # [N, d_out]
-    batches = cache.batches(layer_index, batch_tokens, shuffle=False)
-    for x, _ in tqdm(batches, total=-(-len(tokens) // batch_tokens), desc="encode", unit="batch"):
-        x = x[: len(tokens) - done].float()  # [B, d_in]
+    bar = tqdm(total=n_tokens, desc="encode", unit="tok", unit_scale=True)
+    for x in batches:
+        x = x[: n_tokens - done].float()  # [B, d_in]
         if not len(x):
             break
         codes = layer.encode(x)
         indices.append(codes.indices)
         values.append(codes.values.float())
         done += len(x)
+        bar.update(len(x))
         flat = codes.indices.flatten()  # [B K]
         if isinstance(layer, MxD):  # Σ_t a_tn (Dᵀz_t); c_n ⊙ is applied once at the end
             u = layer.decoder(layer.hidden(x)).float()  # [B, d_out]
             sums.index_add_(0, flat, (codes.values.float()[..., None] * u[:, None]).flatten(0, 1))
         else:  # a transcoder latent always writes along W_d[n]
             sums.index_add_(0, flat, codes.values.float().flatten()[:, None] * layer.decoder[flat].float())
+    bar.close()
     if isinstance(layer, MxD):
         sums *= layer.modulators.float()
-    return tokens, torch.cat(indices), torch.cat(values), sums
+    return torch.cat(indices), torch.cat(values), sums
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -152,11 +177,9 @@ def expert_cards(cfg: InspectConfig) -> tuple[list[ExpertCard], dict]:
     layer = run.layer
     if cfg.experts is not None:
         check_experts(cfg.experts, layer.n_latents)
-    cache = ActivationCache(cfg.cache or run.val_cache or run.cache)
-    cache.check_matches(run.model, run.layer_index)
-    model, tokenizer = load_model(run.model)
-    ctx = cache.manifest["context_len"]
-    tokens, indices, values, sums = encode_cache(layer, cache, run.layer_index, cfg.max_tokens, cfg.batch_tokens)
+    model, tokenizer = run.load_model()
+    tokens, ctx, batches, source = activations(cfg, run, model, tokenizer)
+    indices, values, sums = encode(layer, len(tokens), batches)
     n_tokens, k = indices.shape
 
     # Every (expert, token, value) entry, grouped by expert and sorted by decreasing value.
@@ -201,7 +224,7 @@ def expert_cards(cfg: InspectConfig) -> tuple[list[ExpertCard], dict]:
         ))
     summary = {
         "run": str(run.path), "kind": type(layer).__name__, "model": run.model, "layer": run.layer_index,
-        "cache": str(cache.path), "n_experts": layer.n_latents, "n_tokens": n_tokens,
+        "source": source, "n_experts": layer.n_latents, "n_tokens": n_tokens,
         "fired": int((counts > 0).sum()), "frequencies": (counts / n_tokens).tolist(),
     }
     return cards, summary
@@ -340,7 +363,7 @@ def render_html(cards: list[ExpertCard], summary: dict) -> str:
     """The self-contained dashboard page."""
     shades = "".join(f".a{i}{{background:rgba(255,120,0,{i / SHADES:.1f})}}" for i in range(1, SHADES + 1))
     text = (f"{summary['kind']} with {summary['n_experts']:,} experts on layer {summary['layer']} of "
-            f"{summary['model']}; {summary['n_tokens']:,} tokens of {summary['cache']}; "
+            f"{summary['model']}; {summary['n_tokens']:,} tokens of {summary['source']}; "
             f"{summary['fired']:,} experts fired ({1 - summary['fired'] / summary['n_experts']:.1%} dead); "
             f"{len(cards):,} shown")
     return _PAGE.substitute(

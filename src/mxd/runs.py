@@ -2,9 +2,11 @@
 
     run = read_run("runs/demo/mxd")
     run.layer, run.model, run.layer_index, run.module_path, run.data    # MxD, "smollm2-135m", 15, None, DataConfig
+    model, tokenizer = run.load_model()                                 # in the dtype it was harvested with
 
 A run folder holds `config.json` (the TrainConfig) and `final/` (the layer); the model, MLP site and
-text source come from the manifest of the activation cache it was trained on.
+text source come from the manifest of the activation cache it was trained on, or from the config of
+a run that streamed its activations from the model.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mxd.activations import MANIFEST
+import torch
+
+from mxd.activations import DTYPES, MANIFEST
 from mxd.data import DataConfig
 from mxd.layers import SparseLayer, load
+from mxd.models import load_model
 
 RUN_CONFIG = "config.json"
 FINAL = "final"
@@ -27,8 +32,10 @@ class RunInfo:
 
     path: the run folder; layer: the trained sparse layer (from final/); model: embedded model name,
     local folder or Hub id; layer_index: the transformer layer whose MLP it replaces; module_path:
-    the MLP module override used at harvest (or None); data: the text source of the training cache;
-    cache, val_cache: the activation caches it was trained / validated on (val_cache may be None);
+    the MLP module override used at harvest (or None); model_dtype: the dtype the model ran in at
+    harvest ("fp32" or "bf16"; `torch_dtype` gives the torch dtype); data: the text source of the training cache;
+    cache, val_cache: the activation caches it was trained / validated on (None when it streamed
+    its activations, or had no validation cache);
     config: the run's TrainConfig as a dict.
     """
 
@@ -37,15 +44,19 @@ class RunInfo:
     model: str
     layer_index: int
     module_path: str | None
+    model_dtype: str
     data: DataConfig
-    cache: Path
+    cache: Path | None
     val_cache: Path | None
     config: dict
 
     @property
-    def name(self) -> str:
-        """A short label for tables: the run folder's name."""
-        return self.path.name
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.model_dtype]
+
+    def load_model(self, device: str = "cpu"):
+        """(model, tokenizer) of the run's model, in the dtype it was harvested with."""
+        return load_model(self.model, dtype=self.torch_dtype, device=device)
 
 
 def _resolve(cache: str, run: Path) -> Path:
@@ -57,31 +68,38 @@ def _resolve(cache: str, run: Path) -> Path:
 
 
 def read_run(path: str | Path, device: str = "cpu") -> RunInfo:
-    """The `RunInfo` of run folder `path`; ValueError when it is not a finished run or its cache is gone."""
+    """The `RunInfo` of run folder `path`; ValueError when it is not a finished run or its cache is gone.
+
+    A run trained on a cache takes its model, site and text source from the cache's manifest; a run
+    that streamed its activations (config `model` set) from its own config.
+    """
     run = Path(path).expanduser()
     config_path, final = run / RUN_CONFIG, run / FINAL
     if not config_path.is_file() or not final.is_dir():
         raise ValueError(f"{str(path)!r} is not a training run: it needs {RUN_CONFIG} and {FINAL}/ (written by mxd train)")
     try:
         config = json.loads(config_path.read_text())
-        cache = _resolve(config["cache"], run)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{config_path} is not a TrainConfig ({type(e).__name__}: {e})") from None
-    if not (cache / MANIFEST).is_file():
-        raise ValueError(f"run {str(path)!r} was trained on cache {str(cache)!r}, which has no {MANIFEST}")
-    manifest = json.loads((cache / MANIFEST).read_text())
-    layer_index = config.get("layer")
-    if layer_index is None:
-        layer_index = (config.get("layers") or manifest["layers"])[0]
-    val_cache = _resolve(config["val_cache"], run) if config.get("val_cache") else None
-    return RunInfo(
-        path=run,
-        layer=load(final, device=device).eval().requires_grad_(False),
-        model=manifest["model"],
-        layer_index=layer_index,
-        module_path=manifest.get("module_path"),
-        data=DataConfig(**manifest["data"]),
-        cache=cache,
-        val_cache=val_cache if val_cache is not None and (val_cache / MANIFEST).is_file() else None,
-        config=config,
-    )
+        layers = [config["layer"]] if config.get("layer") is not None else config.get("layers")
+        if config.get("cache"):
+            cache = _resolve(config["cache"], run)
+            if not (cache / MANIFEST).is_file():
+                raise ValueError(f"run {str(path)!r} was trained on cache {str(cache)!r}, which has no {MANIFEST}")
+            source = json.loads((cache / MANIFEST).read_text())
+            layers = layers or source["layers"]
+        else:  # streamed from a model: the config itself names the site and the text
+            cache, source = None, config
+        val_cache = _resolve(config["val_cache"], run) if config.get("val_cache") else None
+        return RunInfo(
+            path=run,
+            layer=load(final, device=device).eval().requires_grad_(False),
+            model=source["model"],
+            layer_index=layers[0],
+            module_path=source.get("module_path"),
+            model_dtype=source.get("model_dtype", "fp32"),
+            data=DataConfig(**source["data"]),
+            cache=cache,
+            val_cache=val_cache if val_cache is not None and (val_cache / MANIFEST).is_file() else None,
+            config=config,
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{config_path} is not a readable TrainConfig ({type(e).__name__}: {e})") from None
