@@ -25,7 +25,10 @@ import transformers
 import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+from mxd.dashboard import InspectConfig, write_dashboard
 from mxd.demo import DemoConfig, format_table, run_demo
+from mxd.probe import ProbeConfig, markdown_table, run_probe
+from mxd.steer import SteerConfig, compare, format_comparison
 from mxd.layers import load
 from mxd.train import TrainConfig, TrainingDiverged, train_runs
 
@@ -137,10 +140,29 @@ def _cmd_demo(cfg: DemoConfig) -> None:
           f"{cfg.val_tokens:,} held-out tokens:\n{format_table(rows)}")
 
 
+def _cmd_inspect(cfg: InspectConfig) -> None:
+    s = write_dashboard(cfg)
+    print(f"{s['cards']:,} expert cards ({s['fired']:,} of {s['n_experts']:,} experts fired on {s['n_tokens']:,} tokens) "
+          f"in {s['out']} ({s['bytes'] / 1e6:.1f} MB, {s['seconds']:.0f} s)")
+
+
+def _cmd_probe(cfg: ProbeConfig) -> None:
+    summary = run_probe(cfg)
+    print(f"\nmean test accuracy over classes (balanced one-vs-rest):\n{markdown_table(summary)}"
+          f"records in {cfg.out}/probe.json, table in {cfg.out}/probe.md")
+
+
+def _cmd_steer(cfg: SteerConfig) -> None:
+    print(format_comparison(compare(cfg), cfg.width))
+
+
 COMMANDS = {
     "harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache"),
     "train": (TrainConfig, _cmd_train, "train MxDs or transcoders on a harvested cache or streamed activations"),
     "demo": (DemoConfig, _cmd_demo, "harvest the embedded model, train an MxD and a matched transcoder, compare"),
+    "inspect": (InspectConfig, _cmd_inspect, "write a static HTML dashboard of a run's experts"),
+    "probe": (ProbeConfig, _cmd_probe, "sparse probing of runs on labelled text tasks"),
+    "steer": (SteerConfig, _cmd_steer, "generate with an expert's coefficient pushed, next to the unsteered text"),
 }
 
 
