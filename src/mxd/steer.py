@@ -167,7 +167,7 @@ def _train_probe(model, tokenizer, site, cfg: SteerConfig):
     return probe, target
 
 
-def compare(cfg: SteerConfig, progress: bool = True) -> dict:
+def compare(cfg: SteerConfig) -> dict:
     """Unsteered and steered continuations of every prompt and the measured shifts (see the module doc)."""
     run = read_run(cfg.run)
     check_experts([cfg.expert], run.layer.n_latents)
