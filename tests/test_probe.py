@@ -76,6 +76,9 @@ def test_probes_find_the_informative_feature():
     acc = {(r["class"], r["method"], r["k"]): r["accuracy"] for r in records}
     assert all(acc[(c, "signal", 1)] > 0.9 for c in "abc")
     assert all(acc[(c, "noise", 1)] < 0.7 for c in "abc")
+    chosen = {(r["class"], r["method"], r["k"]): r["features"] for r in records}
+    assert chosen[("a", "signal", 1)] == chosen[("b", "signal", 1)] == [11] and chosen[("c", "signal", 1)] == [5]
+    assert chosen[("c", "signal", "all")] is None
     assert all(r["n_train"] % 2 == 0 and r["n_test"] % 2 == 0 for r in records)  # balanced
 
 

@@ -124,7 +124,11 @@ def balanced(indices: np.ndarray, positive: np.ndarray, rng: np.random.Generator
 
 def probe_task(task: Task, features: dict[str, np.ndarray], ks: list[int], test_fraction: float,
                seed: int) -> list[dict]:
-    """One record {task, class, method, k, accuracy, n_train, n_test} per class, method and k ("all": every feature)."""
+    """One record {task, class, method, k, accuracy, features, n_train, n_test} per class, method and k.
+
+    features: the k selected feature (expert) indices, by decreasing |mean difference|; k = "all"
+    uses every feature (features None).
+    """
     from sklearn.linear_model import LogisticRegression  # heavy imports, only needed here
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
@@ -145,6 +149,7 @@ def probe_task(task: Task, features: dict[str, np.ndarray], ks: list[int], test_
                 probe.fit(x[tr][:, cols], y_tr)
                 records.append({"task": task.name, "class": c, "method": method, "k": k,
                                 "accuracy": float(probe.score(x[te][:, cols], y_te)),
+                                "features": cols.tolist() if k != "all" else None,
                                 "n_train": len(tr), "n_test": len(te)})
     return records
 
