@@ -1,0 +1,260 @@
+"""Faithfulness of trained sparse layers on held-out text (metric names and definitions: DESIGN.md §3).
+
+    results = evaluate_runs([read_run("runs/mxd"), read_run("runs/transcoder")], EvalConfig())
+
+Runs of one model share every pass over it. Pass 1 (stopping after the deepest MLP) gives the
+reconstruction metrics (nmse, fvu, l0, dead, firing counts) and each layer's mean MLP output;
+pass 2 runs the model unmodified (ce_base), with each run spliced in (ce_spliced, kl), and with each
+layer's MLP zeroed (ce_zero) or mean-ablated (ce_mean_ablation). Evaluation text must be held out:
+blocks that also occur in a run's training cache are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mxd.activations import DTYPES, ActivationCache
+from mxd.data import load_blocks
+from mxd.layers import MxD
+from mxd.models import find_mlp, load_model, mlp_activations, splice
+from mxd.runs import RunInfo, read_run
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass
+class EvalConfig:
+    """How runs are evaluated.
+
+    eval_tokens: held-out tokens evaluated; eval_batch_size: sequences per forward pass;
+    eval_source: text source, None for the runs' training source; eval_split: validation or
+    train documents of that source (blocks a run trained on are refused either way); eval_dtype:
+    fp32 or bf16 for the model, None for the dtype its activations were harvested in;
+    rank_sample: MxD experts whose normalised rank is computed (a random sample)
+    """
+
+    eval_tokens: int = 65_536
+    eval_batch_size: int = 8
+    eval_source: str | None = None
+    eval_split: str = "validation"
+    eval_dtype: str | None = None
+    rank_sample: int = 128
+
+    def __post_init__(self):
+        if self.eval_split not in ("train", "validation"):
+            raise ValueError(f"eval_split={self.eval_split!r} is invalid: valid values are 'train', 'validation'")
+        if self.eval_dtype is not None and self.eval_dtype not in DTYPES:
+            raise ValueError(f"eval_dtype={self.eval_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
+        for name in ("eval_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+
+
+@dataclass
+class EvalCommand:
+    """`mxd eval`: which runs, and where the combined results go.
+
+    runs: run folders, or folders of runs (as mxd train --ks or mxd sweep write); out: folder for
+    the combined eval.json and eval.md (every run also gets its own eval.json)
+    """
+
+    runs: list[str]
+    out: str | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if isinstance(self.eval, dict):
+            self.eval = EvalConfig(**self.eval)
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run folders among `paths`; a folder without a run of its own stands for the runs directly inside it."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "config.json").is_file() or not path.is_dir():
+            found.append(path)
+        else:
+            inner = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+            if not inner:
+                raise ValueError(f"{str(path)!r} is not a training run and holds none (written by mxd train)")
+            found += inner
+    return found
+
+
+def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer) -> Tensor:
+    """Held-out token blocks [n, context_len]; raises if any of them was in a run's training cache."""
+    data = runs[0].data if cfg.eval_source is None else replace(runs[0].data, source=cfg.eval_source)
+    blocks = load_blocks(data, tokenizer, cfg.eval_split, cfg.eval_tokens)
+    wanted = {row.numpy().astype(np.int32).tobytes() for row in blocks}
+    for cache_path in sorted({run.cache for run in runs}):
+        cache = ActivationCache(cache_path)
+        if cache.manifest["context_len"] != blocks.shape[1]:
+            continue  # blocks of another length cannot coincide
+        seen = sum(row.tobytes() in wanted for i in range(len(cache.chunks)) for row in cache.tokens(i).numpy().astype(np.int32))
+        if seen:
+            raise ValueError(f"the evaluation set overlaps training: {seen} of its {len(blocks)} blocks are in the "
+                             f"training cache {cache_path}; evaluate on held-out text (eval_split=validation)")
+    return blocks
+
+
+def _next_token_logprobs(model, ids: Tensor) -> Tensor:
+    """log p(next token) at every position but the last: [B, T-1, vocab], in fp32 at least."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _ce(logp: Tensor, ids: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of a batch (nats)."""
+    return -logp.gather(-1, ids[:, 1:, None]).sum()
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in MLP whose output is one fixed vector at every token (zero or mean ablation)."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.register_buffer("value", value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value.to(x.dtype).expand(len(x), -1)
+
+
+def _expert_rank(run: RunInfo, sample: int, seed: int = 0) -> dict | None:
+    if not isinstance(run.layer, MxD) or sample < 1:
+        return None
+    n = run.layer.n_latents
+    experts = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(sample, n)]
+    ranks = run.layer.expert_rank(experts)
+    return {"mean": ranks.mean().item(), "min": ranks.min().item(), "max": ranks.max().item(), "n_sampled": len(experts)}
+
+
+def _firing(counts: Tensor, tokens: int) -> dict:
+    """How often latents fire: quantiles of per-token frequency and a log10 histogram (never-firing apart)."""
+    freq = counts.double() / tokens
+    live = freq[freq > 0]
+    edges = np.arange(-7.0, 0.5, 0.5)
+    hist = np.histogram(np.log10(live.numpy()), bins=edges)[0] if len(live) else np.zeros(len(edges) - 1)
+    q = [0.1, 0.5, 0.9, 0.99]
+    return {"never": int((freq == 0).sum()), "log10_edges": edges.tolist(), "log10_counts": hist.tolist(),
+            "quantiles": dict(zip(map(str, q), torch.quantile(freq.float(), torch.tensor(q)).tolist()))}
+
+
+@torch.no_grad()
+def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict]:
+    """One record of metrics per run (same model for all); see the module docstring for the passes."""
+    models = {(run.model, run.data.context_len) for run in runs}
+    if len(models) > 1:
+        raise ValueError(f"runs of different models or context lengths cannot be evaluated together: "
+                         f"{sorted(map(str, models))}; evaluate them separately")
+    dtype = cfg.eval_dtype or runs[0].model_dtype
+    if model is None:
+        model, tokenizer = load_model(runs[0].model, dtype=DTYPES[dtype])
+    device = next(model.parameters()).device
+    for run in runs:
+        run.layer.to(device)
+    sites = {run.layer_index: find_mlp(model, run.layer_index, run.module_path) for run in runs}
+    blocks = _eval_blocks(runs, cfg, tokenizer)
+    batches = blocks.split(cfg.eval_batch_size)
+    n_tokens = blocks.numel()
+
+    # pass 1: reconstruction, firing, mean MLP outputs
+    stats = [{"err": 0.0, "l0": 0.0, "fired": torch.zeros(run.layer.n_latents, dtype=torch.long)} for run in runs]
+    sum_y = {layer: 0.0 for layer in sites}
+    sq_y = {layer: 0.0 for layer in sites}
+    for ids in tqdm(batches, desc="eval: reconstruction", disable=not progress):
+        acts = mlp_activations(model, ids.to(device), list(sites.values()))
+        for layer, (x, y) in acts.items():
+            y = y.reshape(-1, y.shape[-1]).double()
+            sum_y[layer] = sum_y[layer] + y.sum(0)
+            sq_y[layer] += y.pow(2).sum().item()
+        for run, s in zip(runs, stats):
+            x, y = (t.reshape(-1, t.shape[-1]) for t in acts[run.layer_index])
+            y_hat, codes = run.layer(x.to(next(run.layer.parameters()).dtype))
+            s["err"] += (y_hat.double() - y.double()).pow(2).sum().item()
+            active = codes.values > 0
+            s["l0"] += active.sum().item()
+            s["fired"] += torch.bincount(codes.indices[active].cpu(), minlength=run.layer.n_latents)
+    mean_y = {layer: (sum_y[layer] / n_tokens) for layer in sites}
+
+    # pass 2: next-token loss of the model as is, spliced, zero- and mean-ablated
+    ce = {"base": 0.0} | {("run", i): 0.0 for i in range(len(runs))} | {(kind, layer): 0.0 for layer in sites for kind in ("zero", "mean")}
+    kl = [0.0] * len(runs)
+    ablations = {(kind, layer): _Constant(value.float().to(device)) for layer in sites
+                 for kind, value in (("zero", torch.zeros_like(mean_y[layer])), ("mean", mean_y[layer]))}
+    for ids in tqdm(batches, desc=f"eval: loss ({len(runs)} runs)", disable=not progress):
+        ids = ids.to(device)
+        base = _next_token_logprobs(model, ids)
+        ce["base"] += _ce(base, ids).item()
+        for i, run in enumerate(runs):
+            with splice(model, sites[run.layer_index], run.layer):
+                spliced = _next_token_logprobs(model, ids)
+            ce[("run", i)] += _ce(spliced, ids).item()
+            kl[i] += (base.exp() * (base - spliced)).sum().item()
+        for (kind, layer), stand_in in ablations.items():
+            with splice(model, sites[layer], stand_in):
+                ce[(kind, layer)] += _ce(_next_token_logprobs(model, ids), ids).item()
+
+    predicted = len(blocks) * (blocks.shape[1] - 1)  # tokens with a next token
+    records = []
+    for i, (run, s) in enumerate(zip(runs, stats)):
+        layer = run.layer_index
+        ce_base, ce_spliced = ce["base"] / predicted, ce[("run", i)] / predicted
+        ce_zero, ce_mean = ce[("zero", layer)] / predicted, ce[("mean", layer)] / predicted
+        var = sq_y[layer] - mean_y[layer].pow(2).sum().item() * n_tokens
+        records.append({
+            "run": str(run.path), "model": run.model, "layer": layer, "method": run.config["sparse"]["kind"],
+            "k": run.layer.config.k, "seed": run.config.get("seed"), "n_params": run.layer.param_count(),
+            "n_latents": run.layer.n_latents, "train_tokens": run.config.get("train_tokens"),
+            "eval_tokens": n_tokens, "eval_dtype": dtype, "eval_split": cfg.eval_split,
+            "nmse": s["err"] / sq_y[layer], "fvu": s["err"] / var, "l0": s["l0"] / n_tokens,
+            "dead": (s["fired"] == 0).double().mean().item(),
+            "ce_base": ce_base, "ce_spliced": ce_spliced, "ce_zero": ce_zero, "ce_mean_ablation": ce_mean,
+            "delta_ce": ce_spliced - ce_base,
+            "ce_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_base) if ce_zero != ce_base else math.nan,
+            "kl": kl[i] / predicted,
+            "expert_rank": _expert_rank(run, cfg.rank_sample), "firing": _firing(s["fired"], n_tokens),
+            "eval_config": asdict(cfg),
+        })
+    return records
+
+
+COLUMNS = ("method", "k", "n_params", "nmse", "fvu", "l0", "dead", "delta_ce", "ce_recovered", "kl")
+
+
+def markdown_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """A Markdown table of the given columns, one row per record."""
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["| " + " | ".join(("run",) + columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for r in records:
+        lines.append("| " + " | ".join([Path(r["run"]).name] + [cell(r.get(c)) for c in columns]) + " |")
+    return "\n".join(lines)
+
+
+def write_results(records: list[dict], out: Path | None) -> None:
+    """Each run's record to RUN/eval.json; with `out`, all of them to out/eval.json and out/eval.md."""
+    for r in records:
+        (Path(r["run"]) / EVAL_FILE).write_text(json.dumps(r, indent=1) + "\n")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / EVAL_FILE).write_text(json.dumps(records, indent=1) + "\n")
+        (out / "eval.md").write_text(markdown_table(records) + "\n")
+
+
+def evaluate_paths(paths: list[str], cfg: EvalConfig, out: str | None = None, progress: bool = True) -> list[dict]:
+    """`mxd eval`: read the runs under `paths`, evaluate them together, write the results."""
+    records = evaluate_runs([read_run(p) for p in find_runs(paths)], cfg, progress=progress)
+    write_results(records, Path(out) if out else None)
+    return records

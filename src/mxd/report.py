@@ -1,0 +1,153 @@
+"""Figures and a Markdown report from evaluated runs or sweeps (`mxd report`).
+
+    REPORT/report.md                      the table and the figures, embedded
+    REPORT/frontier.{png,svg}             nmse, delta_ce and ce_recovered vs K, one line per method
+    REPORT/training.{png,svg}             training and validation nmse vs training tokens, one line per run
+    REPORT/firing.{png,svg}               how often latents fire, one histogram per run
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mxd.evaluate import EVAL_FILE, find_runs, markdown_table  # noqa: E402
+from mxd.sweep import FRONTIER  # noqa: E402
+
+METHOD_LABELS = {"mxd": "MxD", "transcoder": "TopK transcoder", "skip_transcoder": "skip transcoder"}
+
+
+@dataclass
+class ReportConfig:
+    """What `mxd report` draws.
+
+    inputs: sweep folders (holding frontier.json), evaluated run folders or folders of runs;
+    out: folder for report.md and the figures; title: the report's heading
+    """
+
+    inputs: list[str]
+    out: str = "report"
+    title: str = "mxd report"
+
+
+def collect_records(inputs: list[str]) -> list[dict]:
+    """Evaluation records from sweeps' frontier.json and runs' eval.json files."""
+    records = []
+    for path in map(Path, inputs):
+        if (path / FRONTIER).is_file():
+            records += json.loads((path / FRONTIER).read_text())
+            continue
+        for run in find_runs([str(path)]):
+            if not (run / EVAL_FILE).is_file():
+                raise ValueError(f"run {str(run)!r} has no {EVAL_FILE}: evaluate it first (mxd eval {run})")
+            records.append(json.loads((run / EVAL_FILE).read_text()))
+    if not records:
+        raise ValueError(f"no evaluated runs in {inputs}")
+    return records
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def plot_frontier(records: list[dict], out: Path) -> list[Path]:
+    """nmse, delta_ce and ce_recovered against K per method (mean over seeds; bars span min to max)."""
+    metrics = [("nmse", "nmse (lower is better)"), ("delta_ce", "Δ CE, nats (lower is better)"),
+               ("ce_recovered", "CE recovered (higher is better)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    by_method = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_method[r["method"]][r["k"]].append(r)
+    for ax, (key, label) in zip(axes, metrics):
+        for method, by_k in sorted(by_method.items()):
+            ks = sorted(by_k)
+            values = [np.array([r[key] for r in by_k[k]], dtype=float) for k in ks]
+            mean = np.array([v.mean() for v in values])
+            err = np.array([[m - v.min() for v, m in zip(values, mean)], [v.max() - m for v, m in zip(values, mean)]])
+            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K (active experts / latents per token)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    params = sorted({r["n_params"] for r in records})
+    fig.suptitle(f"{records[0]['model']} layer {records[0]['layer']}: sparsity vs faithfulness "
+                 f"({params[0]:,}–{params[-1]:,} parameters per layer, {records[0]['eval_tokens']:,} held-out tokens)")
+    return _save(fig, out, "frontier")
+
+
+def plot_training(records: list[dict], out: Path) -> list[Path] | None:
+    """Training-batch nmse and validation nmse against training tokens, one line per run with a metrics.jsonl."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    drawn = 0
+    for r in records:
+        metrics = Path(r["run"]) / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        for ax, key in zip(axes, ("nmse", "val_nmse")):
+            points = [(m["tokens"], m[key]) for m in logged if key in m]
+            if points:
+                ax.plot(*zip(*points), label=Path(r["run"]).name)
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(axes, ("training batches", "validation")):
+        ax.set_title(title)
+        ax.set_xlabel("training tokens")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("nmse")
+    axes[0].legend(fontsize=7, ncol=2)
+    return _save(fig, out, "training")
+
+
+def plot_firing(records: list[dict], out: Path) -> list[Path]:
+    """Histogram of log10 firing frequency per run, with the never-firing share in the legend."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        f = r["firing"]
+        centres = (np.array(f["log10_edges"][:-1]) + np.array(f["log10_edges"][1:])) / 2
+        share = np.array(f["log10_counts"]) / r["n_latents"]
+        ax.plot(centres, share, marker=".", label=f"{Path(r['run']).name} (dead {100 * r['dead']:.0f}%)")
+    ax.set_xlabel("log10 firing frequency (share of tokens)")
+    ax.set_ylabel("share of latents")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "firing")
+
+
+def write_report(cfg: ReportConfig) -> Path:
+    """Draw the figures and write report.md; returns its path."""
+    records = sorted(collect_records(cfg.inputs), key=lambda r: (r["method"], r["k"], r.get("seed") or 0))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [("Sparsity-accuracy frontier", plot_frontier(records, out)),
+               ("Training", plot_training(records, out)), ("Expert firing", plot_firing(records, out))]
+    r0 = records[0]
+    lines = [f"# {cfg.title}", "",
+             f"Model `{r0['model']}`, layer {r0['layer']}; {r0['eval_tokens']:,} held-out tokens ({r0['eval_split']} split), "
+             f"model in {r0['eval_dtype']}. Metrics as defined in DESIGN.md §3.", "", markdown_table(records), ""]
+    ranks = [r for r in records if r.get("expert_rank")]
+    if ranks:
+        lines += ["Normalised rank of MxD experts (sampled): " + ", ".join(
+            f"{Path(r['run']).name} {r['expert_rank']['mean']:.3f} (min {r['expert_rank']['min']:.3f})" for r in ranks), ""]
+    for title, paths in figures:
+        if paths:
+            lines += [f"## {title}", "", f"![{title}]({paths[0].name})", f"([SVG]({paths[1].name}))", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report

@@ -1,0 +1,156 @@
+"""mxd eval / sweep / report on a tiny Llama: every metric against a hand computation, the MLP itself
+and an all-zero layer as limiting cases, resumable sweeps, figures, bad input."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_layers import _mxd_as_mlp
+
+import mxd
+from mxd.activations import HarvestConfig, harvest
+from mxd.cli import main
+from mxd.data import DataConfig, load_blocks
+from mxd.evaluate import EvalConfig, evaluate_paths, evaluate_runs
+from mxd.models import find_mlp, load_model, mlp_activations
+from mxd.report import ReportConfig, write_report
+from mxd.runs import read_run
+from mxd.sweep import SweepConfig, run_sweep
+from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig
+
+CTX = 32
+EVAL = EvalConfig(eval_tokens=8 * CTX, eval_batch_size=3, rank_sample=4)
+
+
+@pytest.fixture
+def cache(tiny_model_dir, text_dir, tmp_path):
+    out = tmp_path / "cache"
+    harvest(HarvestConfig(out=str(out), model=str(tiny_model_dir), layers=[1], max_tokens=64 * CTX, chunk_tokens=16 * CTX,
+                          data=DataConfig(source=str(text_dir), context_len=CTX)), progress=False)
+    return str(out)
+
+
+def _train(cache, out, kind="mxd", k=4, steps=15):
+    cfg = TrainConfig(out=str(out), cache=cache, train_tokens=steps * 128, batch_tokens=128, log_every=5,
+                      sparse=LayerSpec(kind=kind, k=k, expansion=4), optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    Trainer(cfg, progress=False).train()
+    return out
+
+
+def _hand_metrics(model_dir, text_dir, layer):
+    """The metrics of DESIGN.md §3, computed directly from the logits with a patched MLP (float64)."""
+    model, tok = load_model(str(model_dir), dtype=torch.float64)
+    blocks = load_blocks(DataConfig(source=str(text_dir), context_len=CTX), tok, "validation", 8 * CTX)
+    mlp = model.model.layers[1].mlp
+    original = mlp.forward
+    xs, ys = zip(*(mlp_activations(model, blocks[i : i + 3], [find_mlp(model, 1)])[1] for i in range(0, len(blocks), 3)))
+    x, y = torch.cat(xs).reshape(-1, 32), torch.cat(ys).reshape(-1, 32)
+    y_hat, codes = layer(x.float())
+    y_hat = y_hat.double()
+
+    def mean_ce(forward):
+        mlp.forward = forward
+        try:
+            logits = model(input_ids=blocks).logits[:, :-1]  # float64 (HF's own loss would round to float32)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+            return ce.item(), F.log_softmax(logits, -1)
+        finally:
+            mlp.forward = original
+
+    with torch.no_grad():
+        ce_base, lp_base = mean_ce(original)
+        ce_spliced, lp_spliced = mean_ce(lambda h: layer(h.reshape(-1, 32).float())[0].double().reshape(h.shape))
+        ce_zero, _ = mean_ce(lambda h: torch.zeros_like(h))
+        ce_mean, _ = mean_ce(lambda h: y.mean(0).expand_as(h))
+    err = (y_hat - y).pow(2).sum().item()
+    return {"nmse": err / y.pow(2).sum().item(), "fvu": err / (y - y.mean(0)).pow(2).sum().item(),
+            "l0": (codes.values > 0).sum(-1).float().mean().item(), "ce_base": ce_base, "ce_spliced": ce_spliced,
+            "ce_zero": ce_zero, "ce_mean_ablation": ce_mean, "delta_ce": ce_spliced - ce_base,
+            "ce_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_base),
+            "kl": (lp_base.exp() * (lp_base - lp_spliced)).sum(-1).mean().item(),
+            "dead": 1 - codes.indices[codes.values > 0].unique().numel() / layer.n_latents}
+
+
+def test_metrics_match_a_hand_computation(cache, tiny_model_dir, text_dir, tmp_path):
+    runs = [read_run(_train(cache, tmp_path / kind, kind)) for kind in ("mxd", "skip_transcoder")]
+    model, tokenizer = load_model(str(tiny_model_dir), dtype=torch.float64)  # so that ratios of small differences are exact
+    records = evaluate_runs(runs, EVAL, model, tokenizer, progress=False)
+    for run, record in zip(runs, records):
+        expected = _hand_metrics(tiny_model_dir, text_dir, run.layer)
+        for key, value in expected.items():
+            assert record[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert record["eval_tokens"] == 8 * CTX and record["method"] == run.config["sparse"]["kind"]
+        assert 0 < record["kl"] and record["ce_zero"] > record["ce_base"]
+    assert records[0]["expert_rank"]["n_sampled"] == 4 and 0 < records[0]["expert_rank"]["mean"] <= 1
+    assert records[1]["expert_rank"] is None
+    assert sum(records[0]["firing"]["log10_counts"]) + records[0]["firing"]["never"] == runs[0].layer.n_latents
+
+
+def test_the_mlp_itself_is_perfect_and_a_zero_layer_is_ce_zero(cache, tiny_model_dir, tmp_path):
+    run_dir = _train(cache, tmp_path / "run", steps=2)
+    model, _ = load_model(str(tiny_model_dir))
+    mlp = model.model.layers[1].mlp
+    _mxd_as_mlp(mlp.gate_proj.weight, None, mlp.up_proj.weight, None, mlp.down_proj.weight, None, "silu").save(run_dir / "final")
+    (same,) = evaluate_runs([read_run(run_dir)], EVAL, progress=False)
+    assert same["nmse"] < 1e-10 and same["fvu"] < 1e-10 and same["l0"] == 1
+    assert same["delta_ce"] == pytest.approx(0, abs=1e-6) and same["kl"] == pytest.approx(0, abs=1e-7)
+    assert same["ce_recovered"] == pytest.approx(1, abs=1e-5)
+    zero = mxd.load(run_dir / "final")
+    with torch.no_grad():
+        zero.modulators.zero_()
+    zero.save(run_dir / "final")
+    (none,) = evaluate_runs([read_run(run_dir)], EVAL, progress=False)
+    assert none["ce_spliced"] == pytest.approx(none["ce_zero"], rel=1e-6) and none["ce_recovered"] == pytest.approx(0, abs=1e-5)
+    assert none["nmse"] == pytest.approx(1, rel=1e-6)
+
+
+def test_sweep_trains_evaluates_and_resumes(cache, tmp_path, monkeypatch):
+    train = TrainConfig(out=str(tmp_path / "sweep"), cache=cache, ks=[2, 4], train_tokens=6 * 128, batch_tokens=128,
+                        sparse=LayerSpec(expansion=4), optim=OptimConfig(warmup_steps=2))
+    cfg = SweepConfig(train=train, methods=["mxd", "transcoder"], eval=EVAL)
+    records = run_sweep(cfg, progress=False)
+    assert [(r["method"], r["k"]) for r in records] == [("mxd", 2), ("mxd", 4), ("transcoder", 2), ("transcoder", 4)]
+    frontier = json.loads((tmp_path / "sweep" / "frontier.json").read_text())
+    required = {"method", "k", "n_params", "train_tokens", "nmse", "fvu", "delta_ce", "ce_recovered", "kl", "dead"}
+    assert all(required <= set(r) for r in frontier) and frontier == json.loads(json.dumps(records))
+    params = {r["method"]: r["n_params"] for r in records}
+    assert abs(params["mxd"] - params["transcoder"]) / params["transcoder"] < 0.01  # parameter-matched
+
+    trained, evaluated = [], []
+    monkeypatch.setattr(Trainer, "train", lambda self: trained.append(self.cfg.out))
+    monkeypatch.setattr("mxd.sweep.evaluate_runs", lambda runs, *a, **kw: evaluated.append(runs) or [])
+    assert run_sweep(cfg, progress=False) == records and not trained and not evaluated  # finished cells are skipped
+    with pytest.raises(ValueError, match="holds a sweep with other training settings \\(differs in: train_tokens\\)"):
+        run_sweep(SweepConfig(train=TrainConfig(**(train.to_dict() | {"train_tokens": 7 * 128})), eval=EVAL), progress=False)
+
+
+def test_report_draws_the_frontier(cache, tmp_path):
+    for kind in ("mxd", "transcoder"):
+        _train(cache, tmp_path / "runs" / kind, kind)
+    evaluate_paths([str(tmp_path / "runs")], EVAL, out=str(tmp_path / "eval"), progress=False)
+    assert "| mxd |" in (tmp_path / "eval" / "eval.md").read_text()
+    report = write_report(ReportConfig(inputs=[str(tmp_path / "runs")], out=str(tmp_path / "report")))
+    text = report.read_text()
+    for name in ("frontier", "training", "firing"):
+        assert (tmp_path / "report" / f"{name}.png").stat().st_size > 10_000 and (tmp_path / "report" / f"{name}.svg").exists()
+        assert f"]({name}.png)" in text
+    assert "| transcoder |" in text
+
+
+def test_bad_input(cache, tiny_model_dir, text_dir, tmp_path, capsys):
+    run = _train(cache, tmp_path / "run", steps=2)
+    with pytest.raises(ValueError, match="overlaps training: 8 of its 8 blocks are in the training cache"):
+        evaluate_runs([read_run(run)], EvalConfig(eval_tokens=8 * CTX, eval_split="train"), progress=False)
+    other = tmp_path / "other-cache"  # the same model folder under another name stands for another model
+    (tmp_path / "other-model").symlink_to(tiny_model_dir)
+    harvest(HarvestConfig(out=str(other), model=str(tmp_path / "other-model"), layers=[1], max_tokens=16 * CTX,
+                          chunk_tokens=16 * CTX, data=DataConfig(source=str(text_dir), context_len=CTX)), progress=False)
+    with pytest.raises(ValueError, match="runs of different models .* cannot be evaluated together"):
+        evaluate_runs([read_run(run), read_run(_train(str(other), tmp_path / "run2", steps=2))], EVAL, progress=False)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--runs", str(tmp_path / "cache")])
+    assert e.value.code == 2 and "is not a training run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--inputs", str(run), "--out", str(tmp_path / "r")])
+    assert e.value.code == 2 and "has no eval.json: evaluate it first" in capsys.readouterr().err
