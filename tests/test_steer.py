@@ -1,5 +1,6 @@
 """mxd steer: the steering edit equals the layer's own decode change, restores the model, and moves generations."""
 
+import numpy as np
 import pytest
 import torch
 from test_dashboard import tiny_runs  # noqa: F401  (the shared fixture)
@@ -73,8 +74,8 @@ def test_probe_score(tiny_runs, tmp_path):  # noqa: F811
     result = compare(cfg)
     assert result["probe"] == f"{task}=vowels"
     row = result["rows"][0]
-    assert 0 <= row["unsteered_probe"] <= 1 and 0 <= row["steered_probe"] <= 1
-    assert "probe P(" in format_comparison(result)
+    assert np.isfinite([row["unsteered_probe"], row["steered_probe"]]).all()
+    assert f"probe log-odds of {task}=vowels" in format_comparison(result)
     with pytest.raises(ValueError, match="probe_class='nouns' is not a class of task"):
         compare(SteerConfig(run=str(tiny_runs["mxd"]), prompts=["a"], max_new_tokens=2, probe_task=str(task),
                             probe_class="nouns"))

@@ -14,9 +14,10 @@ real model (its reconstruction error is kept), at every position, prompt and gen
 
 `compare` generates unsteered and steered continuations of each prompt (greedy by default) and
 measures the shift of: a keyword score (share of continuation tokens that are keywords, by default
-the tokens the expert's output promotes through the unembedding), optionally a probe's mean
-P(class) (a logistic regression on mean-pooled MLP inputs of a labelled task, see mxd.probe), and
-the continuations' perplexity under the unsteered model (fluency).
+the tokens the expert's output on the prompts promotes through the unembedding), optionally a
+probe's mean log-odds of a class (a logistic regression on the mean-pooled MLP inputs of a labelled
+task, see mxd.probe, applied to prompt + continuation read by the unsteered model), and the
+continuations' perplexity under the unsteered model (fluency).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class SteerConfig:
     prompt; sample: sample (seeded) instead of greedy decoding; seed: sampling seed; keywords: tokens
     counted by the keyword score, default the expert's top promoted tokens; n_keywords: how many
     promoted tokens form the default keywords; probe_task: a labelled task (see mxd probe) whose
-    probe scores the continuations (none: no probe); probe_class: the class whose probability is
+    probe scores the continuations (none: no probe); probe_class: the class whose log-odds are
     reported (default the task's first); width: characters per column when printing
     """
 
@@ -190,8 +191,8 @@ def compare(cfg: SteerConfig) -> dict:
         if probe is not None:
             texts = [prompt + row["unsteered"], prompt + row["steered"]]
             raw, _ = pooled_features(model, tokenizer, site, [], texts, 128, 2, progress=False)
-            p = probe.predict_proba(raw.numpy())[:, list(probe.classes_).index(True)]
-            row["unsteered_probe"], row["steered_probe"] = float(p[0]), float(p[1])
+            log_odds = probe.decision_function(raw.numpy())  # of the target class (probe.classes_ is [False, True])
+            row["unsteered_probe"], row["steered_probe"] = float(log_odds[0]), float(log_odds[1])
         rows.append(row)
     means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key.endswith(("_keywords", "_perplexity", "_probe"))}
     return {"run": cfg.run, "expert": cfg.expert, "mode": cfg.mode, "value": cfg.value, "keywords": sorted(keyword_set),
@@ -212,7 +213,7 @@ def format_comparison(result: dict, width: int = 60) -> str:
                   f"{m['unsteered_keywords']:.3f} -> {m['steered_keywords']:.3f} "
                   f"({m['steered_keywords'] - m['unsteered_keywords']:+.3f})"]
     if result["probe"]:
-        lines.append(f"probe P({result['probe']}): {m['unsteered_probe']:.3f} -> {m['steered_probe']:.3f} "
-                     f"({m['steered_probe'] - m['unsteered_probe']:+.3f})")
+        lines.append(f"probe log-odds of {result['probe']}: {m['unsteered_probe']:.2f} -> {m['steered_probe']:.2f} "
+                     f"({m['steered_probe'] - m['unsteered_probe']:+.2f})")
     lines.append(f"perplexity under the unsteered model: {m['unsteered_perplexity']:.1f} -> {m['steered_perplexity']:.1f}")
     return "\n".join(lines)
