@@ -154,3 +154,14 @@ def test_bad_input(cache, tiny_model_dir, text_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", "--inputs", str(run), "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and "has no eval.json: evaluate it first" in capsys.readouterr().err
+
+
+def test_a_streamed_run_is_evaluated_and_its_train_split_refused(tiny_model_dir, text_dir, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_model_dir), layers=[1], train_tokens=40 * 128,
+                      batch_tokens=128, buffer_tokens=1024, val_tokens=256, data=DataConfig(source=str(text_dir), context_len=CTX),
+                      sparse=LayerSpec(k=4, expansion=4), optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    Trainer(cfg, progress=False).train()
+    (record,) = evaluate_runs([read_run(tmp_path / "run")], EVAL, progress=False)
+    assert record["layer"] == 1 and 0 < record["nmse"] < 2 and record["l0"] <= 4 and record["k"] == 4
+    with pytest.raises(ValueError, match="overlaps training: a run streamed the train split"):
+        evaluate_runs([read_run(tmp_path / "run")], EvalConfig(eval_tokens=8 * CTX, eval_split="train"), progress=False)

@@ -25,6 +25,9 @@ import transformers
 import yaml
 
 from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+from mxd.evaluate import EvalCommand, evaluate_paths, markdown_table as eval_table
+from mxd.report import ReportConfig, write_report
+from mxd.sweep import SweepConfig, run_sweep
 from mxd.dashboard import InspectConfig, write_dashboard
 from mxd.demo import DemoConfig, format_table, run_demo
 from mxd.probe import ProbeConfig, markdown_table, run_probe
@@ -60,7 +63,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str | None = 
             _add_fields(parser, kind)
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kwargs = dict(dest=f.name, default=default, help=f"{docs.get(f.name, '')} (default: {default})".strip())
+        if default is dataclasses.MISSING:
+            kwargs = dict(dest=f.name, required=True, help=f"{docs.get(f.name, '')} (required)".strip())
+        else:
+            kwargs = dict(dest=f.name, default=default, help=f"{docs.get(f.name, '')} (default: {default})".strip())
         args = typing.get_args(kind)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
@@ -134,10 +140,26 @@ def _cmd_train(cfg: TrainConfig) -> None:
                   f"k={layer.config.k}) in {run}/final; metrics in {run}/metrics.jsonl")
 
 
+def _cmd_eval(cfg: EvalCommand) -> None:
+    records = evaluate_paths(cfg.runs, cfg.eval, cfg.out)
+    where = f"{cfg.out}/eval.json and {cfg.out}/eval.md" if cfg.out else "each run's eval.json"
+    print(f"\n{records[0]['eval_tokens']:,} held-out tokens of {records[0]['model']}:\n{eval_table(records)}\nresults in {where}")
+
+
+def _cmd_sweep(cfg: SweepConfig) -> None:
+    records = run_sweep(cfg)
+    print(f"\n{eval_table(records)}\nfrontier in {cfg.train.out}/frontier.json; draw it with mxd report --inputs {cfg.train.out}")
+
+
+def _cmd_report(cfg: ReportConfig) -> None:
+    print(f"report in {write_report(cfg)}")
+
+
 def _cmd_demo(cfg: DemoConfig) -> None:
-    rows = run_demo(cfg)
-    print(f"\nlayer {cfg.layer} of {cfg.model}, {cfg.train_tokens:,} training tokens, nmse/fvu/l0/dead on "
-          f"{cfg.val_tokens:,} held-out tokens:\n{format_table(rows)}")
+    records, report = run_demo(cfg)
+    print(f"\nlayer {cfg.layer} of {cfg.model}, {cfg.train_tokens:,} training tokens, evaluated on "
+          f"{records[0]['eval_tokens']:,} held-out tokens (delta_ce, ce_recov in nats / share):\n{format_table(records)}\n"
+          f"report: {report}; frontier figure: {report.parent / 'frontier.png'}")
 
 
 def _cmd_inspect(cfg: InspectConfig) -> None:
@@ -159,6 +181,9 @@ def _cmd_steer(cfg: SteerConfig) -> None:
 COMMANDS = {
     "harvest": (HarvestConfig, _cmd_harvest, "harvest (x, y) MLP activations into an on-disk cache"),
     "train": (TrainConfig, _cmd_train, "train MxDs or transcoders on a harvested cache or streamed activations"),
+    "eval": (EvalCommand, _cmd_eval, "faithfulness of trained runs on held-out text: nmse, fvu, l0, dead, CE, KL"),
+    "sweep": (SweepConfig, _cmd_sweep, "train and evaluate a parameter-matched grid (methods x K x seeds)"),
+    "report": (ReportConfig, _cmd_report, "figures (frontier, training curves, firing) and a Markdown report"),
     "demo": (DemoConfig, _cmd_demo, "harvest the embedded model, train an MxD and a matched transcoder, compare"),
     "inspect": (InspectConfig, _cmd_inspect, "write a static HTML dashboard of a run's experts"),
     "probe": (ProbeConfig, _cmd_probe, "sparse probing of runs on labelled text tasks"),

@@ -1,5 +1,6 @@
 """The main job end to end on the embedded defaults: harvest one MLP, train an MxD and a
-parameter-matched TopK transcoder on it, and compare them on held-out tokens (`make demo`)."""
+parameter-matched TopK transcoder on it, evaluate both on held-out tokens (reconstruction and the
+model's next-token loss with each spliced in) and draw the report (`make demo`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 
 from mxd.activations import HarvestConfig, harvest
 from mxd.data import DataConfig
-from mxd.layers import load
+from mxd.evaluate import EvalConfig
 from mxd.models import DEFAULT_MODEL, load_model
-from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig
+from mxd.report import ReportConfig, write_report
+from mxd.sweep import SweepConfig, run_sweep
+from mxd.train import LayerSpec, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -22,7 +25,7 @@ class DemoConfig:
 
     out: folder for caches and runs; model: embedded name, folder or Hub id; layer: the MLP to
     decompose; source: text source; train_tokens: tokens harvested and trained on (one epoch);
-    val_tokens: held-out tokens; k: active experts/latents; expansion: parameter budget, a
+    val_tokens: held-out tokens (validation and evaluation); k: active experts/latents; expansion: parameter budget, a
     transcoder of width expansion x d; batch_tokens: tokens per step; lr: peak learning rate
     """
 
@@ -38,8 +41,8 @@ class DemoConfig:
     lr: float = 1e-3
 
 
-def run_demo(cfg: DemoConfig) -> list[dict]:
-    """Harvest (resumable), train both layers (resumable), return one result row per method."""
+def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
+    """Harvest (resumable), train and evaluate both layers as a sweep (resumable); (records, report path)."""
     out = Path(cfg.out)
     model, tokenizer = load_model(cfg.model, dtype=torch.bfloat16)
     data = DataConfig(source=cfg.source)
@@ -50,29 +53,23 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
             harvest(HarvestConfig(out=str(path), model=cfg.model, layers=[cfg.layer], split=split, max_tokens=tokens,
                                   model_dtype="bf16", data=data), model, tokenizer)
         caches[split] = str(path)
-    rows = []
-    for kind in ("mxd", "transcoder"):
-        run = out / kind
-        train_cfg = TrainConfig(
-            out=str(run), cache=caches["train"], val_cache=caches["validation"], train_tokens=cfg.train_tokens,
-            batch_tokens=cfg.batch_tokens, autocast="bf16", eval_every=100, val_tokens=cfg.val_tokens,
-            resume=(run / "config.json").exists(), sparse=LayerSpec(kind=kind, k=cfg.k, expansion=cfg.expansion),
-            optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.train_tokens // cfg.batch_tokens // 10)),
-        )
-        if not (run / "final" / "model.safetensors").exists():
-            Trainer(train_cfg).train()
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        val = [r for r in records if "val_nmse" in r][-1]
-        layer = load(run / "final")
-        rows.append({"method": kind, "params": layer.param_count(), "latents": layer.n_latents,
-                     "nmse": val["val_nmse"], "fvu": val["val_fvu"], "l0": val["val_l0"], "dead": val["val_dead"],
-                     "run": str(run)})
-    return rows
+    train = TrainConfig(
+        out=str(out / "runs"), cache=caches["train"], val_cache=caches["validation"], train_tokens=cfg.train_tokens,
+        batch_tokens=cfg.batch_tokens, autocast="bf16", eval_every=100, val_tokens=cfg.val_tokens,
+        sparse=LayerSpec(k=cfg.k, expansion=cfg.expansion),
+        optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.train_tokens // cfg.batch_tokens // 10)),
+    )
+    sweep = SweepConfig(train=train, methods=["mxd", "transcoder"], eval=EvalConfig(eval_tokens=cfg.val_tokens))
+    records = run_sweep(sweep)
+    report = write_report(ReportConfig(inputs=[train.out], out=str(out / "report"), title="mxd demo"))
+    return records, report
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'method':12} {'params':>11} {'latents':>8} {'nmse':>7} {'fvu':>7} {'l0':>6} {'dead':>6}  run"]
-    for r in rows:
-        lines.append(f"{r['method']:12} {r['params']:11,} {r['latents']:8,} {r['nmse']:7.4f} {r['fvu']:7.4f} "
-                     f"{r['l0']:6.1f} {100 * r['dead']:5.1f}%  {r['run']}")
+def format_table(records: list[dict]) -> str:
+    lines = [f"{'method':12} {'params':>11} {'latents':>8} {'nmse':>7} {'fvu':>7} {'l0':>6} {'dead':>6} "
+             f"{'delta_ce':>9} {'ce_recov':>9} {'kl':>7}  run"]
+    for r in records:
+        lines.append(f"{r['method']:12} {r['n_params']:11,} {r['n_latents']:8,} {r['nmse']:7.4f} {r['fvu']:7.4f} "
+                     f"{r['l0']:6.1f} {100 * r['dead']:5.1f}% {r['delta_ce']:9.4f} {r['ce_recovered']:9.4f} "
+                     f"{r['kl']:7.4f}  {r['run']}")
     return "\n".join(lines)

@@ -94,8 +94,11 @@ def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer) -> Tensor:
     """Held-out token blocks [n, context_len]; raises if any of them was in a run's training cache."""
     data = runs[0].data if cfg.eval_source is None else replace(runs[0].data, source=cfg.eval_source)
     blocks = load_blocks(data, tokenizer, cfg.eval_split, cfg.eval_tokens)
+    if cfg.eval_split == "train" and any(run.cache is None and run.data == data for run in runs):
+        raise ValueError("the evaluation set overlaps training: a run streamed the train split of this source; "
+                         "evaluate on held-out text (eval_split=validation)")
     wanted = {row.numpy().astype(np.int32).tobytes() for row in blocks}
-    for cache_path in sorted({run.cache for run in runs}):
+    for cache_path in sorted({run.cache for run in runs if run.cache is not None}):
         cache = ActivationCache(cache_path)
         if cache.manifest["context_len"] != blocks.shape[1]:
             continue  # blocks of another length cannot coincide
