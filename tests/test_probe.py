@@ -126,9 +126,12 @@ def test_cli_bad_task(tiny_runs, tmp_path, capsys):  # noqa: F811
 @pytest.mark.slow
 def test_real_model_spam():
     """On the embedded model's demo runs, spam is easy for the raw activations and for 5 experts."""
-    runs = ["runs/demo/mxd", "runs/demo/transcoder"]
-    if not all(Path(r, "final").is_dir() for r in runs):
-        pytest.skip("runs/demo/mxd and runs/demo/transcoder not trained (make demo)")
-    summary = run_probe(ProbeConfig(runs=runs, tasks=["spam"], max_per_class=100, out="/tmp/mxd-probe-spam"), progress=False)
+    runs = {}  # kind -> the first finished demo run of that kind
+    for final in sorted(Path("runs/demo").glob("**/final")):
+        runs.setdefault(json.loads((final.parent / "config.json").read_text())["sparse"]["kind"], str(final.parent))
+    if not {"mxd", "transcoder"} <= set(runs):
+        pytest.skip("no finished MxD and transcoder runs under runs/demo (make demo)")
+    summary = run_probe(ProbeConfig(runs=[runs["mxd"], runs["transcoder"]], tasks=["spam"], max_per_class=100,
+                                    out="/tmp/mxd-probe-spam"), progress=False)
     acc = {(r["method"], r["k"]): r["accuracy"] for r in summary}
-    assert acc[("raw x (layer 15)", "all")] > 0.9 and acc[("runs/demo/mxd", 5)] > 0.85
+    assert acc[("raw x (layer 15)", "all")] > 0.9 and acc[(runs["mxd"], 5)] > 0.85
