@@ -1,7 +1,7 @@
 """End to end: `mxd.train.Trainer` on an activation cache vs the bare layer step (GitHub issue 6).
 
-The bare step is `benchmarks/layers.py`'s: zero_grad, forward, nmse loss, backward, Adam step on
-tensors already in memory. The Trainer adds everything `mxd train` does per step: reading and
+The bare step is `benchmarks/layers.py`'s (zero_grad, forward, nmse loss, backward, optimiser step)
+with a Trainer's own layer and optimiser, on one batch already in memory. The Trainer adds everything `mxd train` does per step: reading and
 shuffling batches from the memory-mapped cache (bf16 -> fp32), gradient clipping, the learning-rate
 schedule, dead-latent bookkeeping and the logged statistics. Its rate is the steady state between
 its metrics records (steps after `--warmup`), with validation and checkpoints pushed past the run.
@@ -19,7 +19,7 @@ import json
 import os
 import statistics
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,13 +47,11 @@ def trainer_rate(cfg: TrainConfig, warmup: int) -> float:
     return (last - first) * cfg.batch_tokens / (elapsed[last] - elapsed[first])
 
 
-def bare_rate(trainer_cfg: TrainConfig, cache: ActivationCache, steps: int) -> list[float]:
-    """Seconds per bare step of the same layer on one cached batch held in memory."""
-    m = cache.manifest
-    torch.manual_seed(trainer_cfg.seed)
-    layer = trainer_cfg.sparse.build(m["d_in"], m["d_out"], m["host_mlp"])
-    step = Step(layer, "ours", "bf16" if trainer_cfg.autocast == "bf16" else "fp32")
-    x, y = next(cache.batches(cache.layers[0], trainer_cfg.batch_tokens))
+def bare_rate(cfg: TrainConfig, steps: int) -> list[float]:
+    """Seconds per bare step of a Trainer's own layer and optimiser on one cached batch held in memory."""
+    trainer = Trainer(cfg, progress=False)
+    step = Step(trainer.layer, "ours", "bf16" if cfg.autocast == "bf16" else "fp32", opt=trainer.opt)
+    x, y = next(trainer.cache.batches(trainer.layer_index, cfg.batch_tokens))
     x, y = x.float(), y.float()
     step(x, y)  # warm-up
     return [timed(lambda: step(x, y)) for _ in range(steps)]
@@ -76,14 +74,14 @@ def main() -> None:
     cache = ensure_cache(args.cache, args.harvest_tokens)
     with tempfile.TemporaryDirectory() as out:
         never = 10 * args.steps
-        cfg = TrainConfig(out=str(Path(out) / "run"), cache=args.cache, train_tokens=args.steps * args.batch,
+        cfg = TrainConfig(out=f"{out}/run", cache=args.cache, train_tokens=args.steps * args.batch,
                           batch_tokens=args.batch, autocast="bf16" if args.dtype == "bf16" else "none",
                           eval_every=never, checkpoint_every=never, log_every=1,
                           sparse=LayerSpec(kind="mxd", k=args.k, n_experts=args.n_experts),
                           optim=OptimConfig(lr=1e-4, warmup_steps=1))
-        before = bare_rate(cfg, cache, args.bare_steps)
+        before = bare_rate(replace(cfg, out=f"{out}/bare-before"), args.bare_steps)
         train_tok_s = trainer_rate(cfg, args.warmup)
-        after = bare_rate(cfg, cache, args.bare_steps)
+        after = bare_rate(replace(cfg, out=f"{out}/bare-after"), args.bare_steps)
     bare_tok_s = args.batch / statistics.median(before + after)
     result = {
         "cache": args.cache, "cache_dtype": str(cache.dtype), "n_experts": args.n_experts, "k": args.k,
