@@ -120,7 +120,7 @@ def test_bad_input(tiny_runs, tmp_path, capsys):
     with pytest.raises(ValueError, match=f"expert {n} is out of range: the layer has {n} experts"):
         expert_cards(InspectConfig(run=str(tiny_runs["mxd"]), experts=[0, n]))
     with pytest.raises(SystemExit) as exit_info:
-        main(["inspect", "--run", str(tmp_path), "--out", str(tmp_path / "d.html")])
+        main(["inspect", str(tmp_path), "--out", str(tmp_path / "d.html")])
     assert exit_info.value.code == 2 and "is not a training run" in capsys.readouterr().err
 
 

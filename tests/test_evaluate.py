@@ -149,10 +149,10 @@ def test_bad_input(cache, tiny_model_dir, text_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="runs of different models .* cannot be evaluated together"):
         evaluate_runs([read_run(run), read_run(_train(str(other), tmp_path / "run2", steps=2))], EVAL, progress=False)
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--runs", str(tmp_path / "cache")])
+        main(["eval", str(tmp_path / "cache")])
     assert e.value.code == 2 and "is not a training run" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["report", "--inputs", str(run), "--out", str(tmp_path / "r")])
+        main(["report", str(run), "--out", str(tmp_path / "r")])
     assert e.value.code == 2 and "has no eval.json: evaluate it first" in capsys.readouterr().err
 
 

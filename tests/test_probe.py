@@ -119,7 +119,7 @@ def test_features_pool_over_the_text_only(tiny_runs):  # noqa: F811
 
 def test_cli_bad_task(tiny_runs, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit) as exit_info:
-        main(["probe", "--runs", str(tiny_runs["mxd"]), "--tasks", "no-such-task-xyz", "--out", str(tmp_path)])
+        main(["probe", str(tiny_runs["mxd"]), "--tasks", "no-such-task-xyz", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "unknown task 'no-such-task-xyz'" in capsys.readouterr().err
 
 

