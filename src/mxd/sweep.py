@@ -53,8 +53,8 @@ class SweepConfig:
         cells = []
         for layer in layers:
             prefix = f"layer{layer}-" if len(layers) > 1 else ""
-            for method in self.methods:
-                for k in ks:
+            for k in ks:  # all methods at one K before the next K: an interrupted sweep still compares
+                for method in self.methods:
                     for seed in self.seeds:
                         folder = out / f"{prefix}{method}-k{k}-seed{seed}"
                         cells.append(replace(t, out=str(folder), layers=None if layer is None else [layer], ks=None, seed=seed,
@@ -95,7 +95,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     todo = [Path(c.out) for c in cells if _evaluated(Path(c.out), cfg.eval) is None]
     if todo:
         write_results(evaluate_runs([read_run(p) for p in todo], cfg.eval, progress=progress), None)
-    records = [_evaluated(Path(c.out), cfg.eval) for c in cells]
+    records = sorted((_evaluated(Path(c.out), cfg.eval) for c in cells), key=lambda r: (r["layer"], r["method"], r["k"], r["seed"]))
     (out / FRONTIER).write_text(json.dumps(records, indent=1) + "\n")
     (out / "frontier.md").write_text(markdown_table(records) + "\n")
     return records
