@@ -1,6 +1,6 @@
 """`mxd inspect`: a static HTML dashboard of a trained layer's experts (or transcoder latents).
 
-    write_dashboard(InspectConfig(run="runs/demo/mxd", out="dashboard.html", experts=[7, 42]))
+    write_dashboard(InspectConfig(run="runs/demo/mxd-k32-seed0", out="dashboard.html", experts=[7, 42]))
 
 Per expert: its top-activating contexts (each token shaded by the expert's coefficient on it, the
 top token outlined), firing frequency, a histogram of its non-zero coefficients, and the tokens its

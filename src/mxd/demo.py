@@ -54,7 +54,7 @@ def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
                                   model_dtype="bf16", data=data), model, tokenizer)
         caches[split] = str(path)
     train = TrainConfig(
-        out=str(out / "runs"), cache=caches["train"], val_cache=caches["validation"], train_tokens=cfg.train_tokens,
+        out=str(out), cache=caches["train"], val_cache=caches["validation"], train_tokens=cfg.train_tokens,
         batch_tokens=cfg.batch_tokens, autocast="bf16", eval_every=100, val_tokens=cfg.val_tokens,
         sparse=LayerSpec(k=cfg.k, expansion=cfg.expansion),
         optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.train_tokens // cfg.batch_tokens // 10)),

@@ -1,6 +1,6 @@
 """`mxd probe`: sparse probing of trained layers on labelled text tasks (DESIGN.md §4, SAEBench-style).
 
-    rows = run_probe(ProbeConfig(runs=["runs/demo/mxd", "runs/demo/transcoder"], tasks=["sentiment"]))
+    rows = run_probe(ProbeConfig(runs=["runs/demo/mxd-k32-seed0", "runs/demo/transcoder-k32-seed0"], tasks=["sentiment"]))
 
 For each task, each text's features are the layer's coefficients mean-pooled over its tokens (BOS
 and padding masked), next to the mean-pooled raw MLP input x as a reference. The texts are split

@@ -1,6 +1,6 @@
 """Read a training run folder (written by `mxd train`) back: the trained layer and where it belongs.
 
-    run = read_run("runs/demo/mxd")
+    run = read_run("runs/demo/mxd-k32-seed0")
     run.layer, run.model, run.layer_index, run.module_path, run.data    # MxD, "smollm2-135m", 15, None, DataConfig
     model, tokenizer = run.load_model()                                 # in the dtype it was harvested with
 

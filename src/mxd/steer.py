@@ -1,6 +1,6 @@
 """`mxd steer`: push one expert (or transcoder latent) while the model generates, and measure the effect.
 
-    run = read_run("runs/demo/mxd")
+    run = read_run("runs/demo/mxd-k32-seed0")
     model, tokenizer = run.load_model()
     site = find_mlp(model, run.layer_index, run.module_path)
     with steer(model, site, run.layer, expert=42, value=20.0):          # or mode="clamp"
