@@ -12,6 +12,7 @@ LAYER_KINDS = {
     "mxd_glu": lambda: MxD(MxDConfig(12, 10, d_hidden=16, n_experts=40, k=5, activation="silu", glu=True)),
     "mxd_mlp": lambda: MxD(MxDConfig(12, 10, d_hidden=16, n_experts=40, k=5, activation="gelu", glu=False)),
     "mxd_unit_norm": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, unit_norm_modulators=True, bias=False)),
+    "mxd_product_key": lambda: MxD(MxDConfig(12, 10, d_hidden=16, n_experts=48, k=5, router="product_key")),
     "transcoder": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=6)),
     "transcoder_l1": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=1, sparsity="l1")),
     "skip_transcoder": lambda: SkipTranscoder(TranscoderConfig(12, 10, width=48, k=6)),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mxd.routing import FlatRouter, ProductKeyRouter, product_grid
 from mxd.sparse_ops import sparse_decode, topk_linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -89,7 +90,10 @@ class MxDConfig(LayerConfig):
     n_experts: N; k: active experts per token; glu: GLU encoder (Llama-style SwiGLU when
     activation="silu"); bias: encoder and output biases (the router always has one);
     unit_norm_modulators: keep each c_n at unit norm (the paper's option);
-    decoder_init_std: std of D's normal init (0 gives the paper's zero init).
+    decoder_init_std: std of D's normal init (0 gives the paper's zero init); router: "flat"
+    (W_r x over all N experts) or "product_key" (two sub-routers over ≈√N sub-keys each, see
+    mxd.routing); router_candidates: rows/columns a product-key router keeps (0: K, exact; fewer is
+    cheaper and approximate).
     """
 
     d_in: int
@@ -102,20 +106,29 @@ class MxDConfig(LayerConfig):
     bias: bool = True
     unit_norm_modulators: bool = False
     decoder_init_std: float = 0.01
+    router: str = "flat"
+    router_candidates: int = 0
 
     def __post_init__(self):
         _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden, n_experts=self.n_experts, k=self.k)
         if self.k > self.n_experts:
             raise ValueError(f"k={self.k} is invalid: must be between 1 and n_experts={self.n_experts}")
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_choice("router", self.router, ("flat", "product_key"))
         if self.decoder_init_std < 0:
             raise ValueError(f"decoder_init_std={self.decoder_init_std} is invalid: must be >= 0")
+        if self.router_candidates < 0:
+            raise ValueError(f"router_candidates={self.router_candidates} is invalid: must be >= 0 (0 means k)")
+        if self.router == "product_key":
+            product_grid(self.n_experts)  # raises for an N without a near-square factorisation
 
     def param_count(self) -> int:
-        """Parameters of the layer: base (encoder, decoder, biases) + N (d_in + d_out + 1)."""
-        return mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias) + self.n_experts * (
-            self.d_in + self.d_out + 1
-        )
+        """Parameters of the layer: base (encoder, decoder, biases) + N d_out (modulators) + the router's."""
+        if self.router == "flat":
+            router = self.n_experts * (self.d_in + 1)
+        else:
+            router = sum(product_grid(self.n_experts)) * (self.d_in + 1)
+        return mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias) + self.n_experts * self.d_out + router
 
 
 @dataclass
@@ -242,7 +255,10 @@ class MxD(SparseLayer):
         self.encoder = nn.Linear(c.d_in, c.d_hidden, bias=c.bias)  # E, b_e (inside φ: Llama's gate_proj)
         self.up = nn.Linear(c.d_in, c.d_hidden, bias=c.bias) if c.glu else None  # G, b_g (Llama's up_proj)
         self.decoder = nn.Linear(c.d_hidden, c.d_out, bias=False)  # weight = Dᵀ [d_out, H]
-        self.router = nn.Linear(c.d_in, c.n_experts)  # W_r, b_r
+        if c.router == "flat":
+            self.router = FlatRouter(c.d_in, c.n_experts)  # W_r, b_r
+        else:
+            self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates)
         self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out))  # C transposed: row n is c_n
         self.bias = nn.Parameter(torch.zeros(c.d_out)) if c.bias else None  # b
         with torch.no_grad():
@@ -265,7 +281,7 @@ class MxD(SparseLayer):
         return z * self.up(x) if self.up is not None else z
 
     def encode(self, x: Tensor) -> SparseCodes:
-        values, indices = topk_linear(x, self.router.weight, self.router.bias, self.config.k)
+        values, indices = self.router.topk(x, self.config.k)
         return SparseCodes(indices, values)
 
     def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:

@@ -14,7 +14,11 @@ from mxd.layers import MxD, SkipTranscoder, SparseLayer, Transcoder
 
 def dense_topk_relu(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> Tensor:
     """TopK_K(ReLU(x Wᵀ + b)) as a dense tensor.  [B, d_in], [N, d_in], [N] -> [B, N]."""
-    logits = F.linear(x, weight, bias)
+    return _dense_topk(F.linear(x, weight, bias), k)
+
+
+def _dense_topk(logits: Tensor, k: int) -> Tensor:
+    """The top-k entries of each row, ReLU'd, the rest zero.  [B, N] -> [B, N]."""
     top, indices = logits.topk(k, dim=-1)
     return torch.zeros_like(logits).scatter(-1, indices, top.relu())
 
@@ -22,7 +26,7 @@ def dense_topk_relu(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> T
 def dense_forward(layer: SparseLayer, x: Tensor) -> Tensor:
     """The layer's output computed densely from its own parameters.  [B, d_in] -> [B, d_out]."""
     if isinstance(layer, MxD):
-        a = dense_topk_relu(x, layer.router.weight, layer.router.bias, layer.config.k)  # [B, N]
+        a = _dense_topk(layer.router.logits(x), layer.config.k)  # [B, N]
         y = layer.decoder(layer.hidden(x)) * (a @ layer.modulators)
         return y + layer.bias if layer.bias is not None else y
     if isinstance(layer, Transcoder):

@@ -51,7 +51,10 @@ class LayerSpec:
     expansion: parameter budget, a transcoder of width expansion x d_in (MxD's expert count is
     matched to it); n_experts: MxD expert count, overriding the match; sparsity: topk, or l1 for a
     ReLU transcoder; l1_coef: weight of the L1 penalty (sparsity=l1); unit_norm: keep MxD modulators
-    (or transcoder decoder rows) at unit norm; decoder_init_std: std of MxD's shared decoder init
+    (or transcoder decoder rows) at unit norm; decoder_init_std: std of MxD's shared decoder init;
+    router: MxD's router, flat or product_key (the matched expert count is then rounded to a
+    square); router_candidates: rows and columns a product-key router keeps (0: K, exact; fewer is
+    cheaper and approximate)
     """
 
     kind: str = "mxd"
@@ -62,6 +65,8 @@ class LayerSpec:
     l1_coef: float = 1e-3
     unit_norm: bool = False
     decoder_init_std: float = 0.01
+    router: str = "flat"
+    router_candidates: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -75,8 +80,11 @@ class LayerSpec:
         if self.kind == "mxd":
             glu = host["glu"]
             n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu)
+            if self.router == "product_key" and not self.n_experts:
+                n = round(math.sqrt(n)) ** 2
             return MxD(MxDConfig(d_in, d_out, host["d_hidden"], n, self.k, activation=host["activation"], glu=glu,
-                                 unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std))
+                                 unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std,
+                                 router=self.router, router_candidates=self.router_candidates))
         cls = SkipTranscoder if self.kind == "skip_transcoder" else Transcoder
         return cls(TranscoderConfig(d_in, d_out, width, self.k, sparsity=self.sparsity, unit_norm_decoder=self.unit_norm))
 
@@ -243,8 +251,10 @@ def _aux_dead_loss(layer: SparseLayer, x: Tensor, residual: Tensor, dead: Tensor
     gradient; MxD's shared decoder output Dᵀz is held fixed.
     """
     dead_idx = dead.nonzero().squeeze(1)
-    enc = layer.router if isinstance(layer, MxD) else layer.encoder
-    logits = torch.nn.functional.linear(x, enc.weight[dead_idx], enc.bias[dead_idx])  # [B, n_dead]
+    if isinstance(layer, MxD):
+        logits = layer.router.logits(x, dead_idx)  # [B, n_dead]
+    else:
+        logits = torch.nn.functional.linear(x, layer.encoder.weight[dead_idx], layer.encoder.bias[dead_idx])
     values, pos = logits.topk(min(k, len(dead_idx)), dim=-1)
     indices, values = dead_idx[pos], values.relu()
     if isinstance(layer, MxD):
