@@ -74,7 +74,7 @@ def scatter_outer(indices: Tensor, coeffs: Tensor, vectors: Tensor, n_rows: int)
     Aᵀ as a CSR [n_rows, B] matrix (the K·B pairs sorted by row) times vectors [B, d].
     """
     flat = indices.reshape(-1)
-    order = flat.to(torch.int32).argsort(stable=True)  # int64's stable CPU sort is ~400x slower (torch 2.13)
+    order = flat.to(torch.int32).argsort(stable=True)  # faster than int64's in every side-by-side run (torch 2.13)
     crow = flat.new_zeros(n_rows + 1)
     torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
     a_t = _csr(crow, order // indices.shape[1], coeffs.reshape(-1)[order].to(vectors.dtype), (n_rows, len(vectors)))
@@ -95,11 +95,12 @@ class TopKLinear(torch.autograd.Function):
         buffer = x_c.new_empty(min(step, len(x)), weight.shape[0])  # one [step, N] block, reused
         for start in range(0, len(x), step):
             block = slice(start, start + step)
-            logits = buffer[: len(x_c[block])]
+            rows = x_c[block]
+            logits = buffer[: len(rows)]
             if b_c is None:
-                torch.mm(x_c[block], w_c.T, out=logits)
+                torch.mm(rows, w_c.T, out=logits)
             else:
-                torch.addmm(b_c, x_c[block], w_c.T, out=logits)
+                torch.addmm(b_c, rows, w_c.T, out=logits)
             torch.topk(logits, k, dim=-1, sorted=False, out=(values[block], indices[block]))
         values.relu_()
         ctx.save_for_backward(x, weight, indices, values)
