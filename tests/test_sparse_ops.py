@@ -77,8 +77,8 @@ def test_matches_dense_random_sizes(batch, d_in, n, d_out, k_frac, seed):
     _check_against_dense(batch, d_in, n, d_out, k, seed)
 
 
-def test_chunked_backward_matches_unchunked(monkeypatch):
-    """Backward split into many token chunks gives the same gradients as one chunk."""
+def test_blocked_router_logits_match_one_block(monkeypatch):
+    """Router logits computed in many small token blocks give the same outputs and gradients as one block."""
     monkeypatch.setattr(sparse_ops, "CHUNK_ELEMENTS", 50)
     _check_against_dense(batch=37, d_in=8, n=40, d_out=6, k=5, seed=3)
 

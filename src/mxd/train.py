@@ -308,7 +308,7 @@ class Trainer:
         self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
         opt_cls = torch.optim.AdamW if config.optim.optimizer == "adamw" else torch.optim.Adam
         self.opt = opt_cls(self.layer.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
-                           weight_decay=config.optim.weight_decay)
+                           weight_decay=config.optim.weight_decay, fused=True)  # one kernel for all parameters
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: config.optim.lr_factor(s, config.steps))
         self.step = 0
         self.best_val = math.inf
