@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mxd.checks import check_at_least
 from mxd.data import DataConfig, iter_documents, token_blocks
 from mxd.models import DEFAULT_MODEL, MLPSite, find_mlp, host_mlp, load_model, mlp_activations
 
@@ -78,9 +79,7 @@ class HarvestConfig:
             raise ValueError(f"split={self.split!r} is invalid: valid values are 'train', 'validation'")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={self.layers} is invalid: give one or more distinct layer indices")
-        for name in ("max_tokens", "batch_size", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        check_at_least(self, 1, "max_tokens", "batch_size", "chunk_tokens")
         if self.chunk_tokens % self.data.context_len:
             raise ValueError(
                 f"chunk_tokens={self.chunk_tokens} is invalid: must be a multiple of context_len={self.data.context_len}"

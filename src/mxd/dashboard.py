@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mxd.checks import check_at_least
 from mxd.activations import ActivationCache
 from mxd.layers import MxD, SparseLayer
 from mxd.data import load_blocks
@@ -65,12 +66,8 @@ class InspectConfig:
     batch_tokens: int = 4096
 
     def __post_init__(self):
-        for name in ("max_tokens", "examples", "top_tokens", "bins", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
-        for name in ("context_left", "context_right"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 0")
+        check_at_least(self, 1, "max_tokens", "examples", "top_tokens", "bins", "batch_tokens")
+        check_at_least(self, 0, "context_left", "context_right")
 
 
 @dataclass

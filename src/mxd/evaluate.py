@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mxd.checks import check_at_least
 from mxd.activations import DTYPES, ActivationCache
 from mxd.data import load_blocks
 from mxd.layers import MxD
@@ -54,9 +55,7 @@ class EvalConfig:
             raise ValueError(f"eval_split={self.eval_split!r} is invalid: valid values are 'train', 'validation'")
         if self.eval_dtype is not None and self.eval_dtype not in DTYPES:
             raise ValueError(f"eval_dtype={self.eval_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
-        for name in ("eval_tokens", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        check_at_least(self, 1, "eval_tokens", "eval_batch_size")
 
 
 @dataclass

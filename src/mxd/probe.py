@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mxd.checks import check_at_least
 from mxd.data import prepended_bos
 from mxd.layers import SparseLayer
 from mxd.models import find_mlp, mlp_activations
@@ -62,9 +63,7 @@ class ProbeConfig:
             raise ValueError("runs and tasks must each name at least one entry")
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"ks={self.ks} is invalid: give one or more integers >= 1")
-        for name in ("max_per_class", "max_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        check_at_least(self, 1, "max_per_class", "max_len", "batch_size")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction={self.test_fraction} is invalid: must be in (0, 1)")
 

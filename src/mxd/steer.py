@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mxd.checks import check_at_least
 from mxd.dashboard import check_experts, logit_effects
 from mxd.layers import MxD, SparseLayer
 from mxd.models import MLPSite, mlp_hooks, find_mlp, mlp_activations
@@ -76,9 +77,7 @@ class SteerConfig:
             raise ValueError(f"mode={self.mode!r} is invalid: valid values are {', '.join(MODES)}")
         if not self.prompts:
             raise ValueError("prompts is empty: give at least one prompt")
-        for name in ("max_new_tokens", "n_keywords", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        check_at_least(self, 1, "max_new_tokens", "n_keywords", "width")
 
 
 def unit_output(layer: SparseLayer, x: Tensor, expert: int) -> Tensor:

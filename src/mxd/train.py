@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mxd.checks import check_at_least
 from mxd.activations import DTYPES, ActivationCache, rank_and_world, site_dims, stream_activations
 from mxd.data import DataConfig
 from mxd.layers import MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load, match_n_experts
@@ -71,8 +72,7 @@ class LayerSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is invalid: valid values are {', '.join(KINDS)}")
-        if self.expansion < 1:
-            raise ValueError(f"expansion={self.expansion} is invalid: must be >= 1")
+        check_at_least(self, 1, "expansion")
 
     def build(self, d_in: int, d_out: int, host: dict) -> SparseLayer:
         """The layer, sized for an MLP d_in -> d_out whose form is `host` (see models.host_mlp)."""
@@ -205,9 +205,8 @@ class TrainConfig:
             if values is not None and (not values or len(set(values)) != len(values) or min(values) < (name == "ks")):
                 raise ValueError(f"{name}={values} is invalid: give distinct values >= {int(name == 'ks')}")
         check_trackers(self.log_to)
-        for name in ("batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window", "buffer_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        check_at_least(self, 1, "batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window",
+                       "buffer_tokens")
         if self.train_tokens < self.batch_tokens:
             raise ValueError(f"train_tokens={self.train_tokens} is too small for one step of batch_tokens={self.batch_tokens}")
 
