@@ -95,3 +95,14 @@ def test_backward_gradients_are_sparse_in_rows():
     touched[indices.flatten()] = True
     assert (w.grad[~touched] == 0).all() and (table.grad[~touched] == 0).all()
     assert (table.grad[touched] != 0).any(dim=1).all()
+
+
+def test_scatter_outer_ignores_the_contents_of_its_uninitialised_output():
+    """`scatter_outer` writes its CSR product with beta=0 into an empty tensor: the backend must not read it."""
+    torch.manual_seed(0)
+    indices, coeffs, vectors = torch.randint(0, 6, (4, 2)), torch.randn(4, 2), torch.randn(4, 3)
+    a_t = torch.zeros(6, 4).index_put_((indices.T.flatten(), torch.arange(4).repeat(2)), coeffs.T.flatten(), accumulate=True)
+    expected = a_t @ vectors
+    _close(sparse_ops.scatter_outer(indices, coeffs, vectors, 6), expected)
+    garbage = torch.full((6, 3), float("nan"))
+    _close(torch.addmm(garbage, a_t.to_sparse_csr(), vectors, beta=0.0, out=garbage), expected)

@@ -305,8 +305,18 @@ class ActivationCache:
         """Token ids of chunk `chunk`: [n_blocks, context_len] int64; activation row r is token r."""
         return torch.from_numpy(np.array(self._chunk(chunk)["tokens"])).long()
 
-    def _rows(self, name: str, layer_index: int, chunk: int, rows: np.ndarray) -> Tensor:
-        t = torch.from_numpy(self._chunk(chunk)[name][layer_index, rows])
+    def _gather(self, name: str, layer_index: int, chunk_of: np.ndarray, rows: np.ndarray) -> Tensor:
+        """Rows `rows` (chunk-local, grouped by chunk as `chunk_of` says) of tensor `name` -> [len(rows), d].
+
+        Each chunk's rows are copied straight into one preallocated array: no per-chunk pieces to
+        concatenate (torch.cat of dozens of small pieces stalls its threads when the other cores are busy).
+        """
+        starts = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]])
+        first = self._chunk(int(chunk_of[0]))[name]
+        out = np.empty((len(rows), first.shape[-1]), dtype=first.dtype)
+        for start, end in zip(starts, np.r_[starts[1:], len(rows)]):
+            np.take(self._chunk(int(chunk_of[start]))[name][layer_index], rows[start:end], axis=0, out=out[start:end])
+        t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
 
     def batches(self, layer: int, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0,
@@ -322,13 +332,9 @@ class ActivationCache:
         order = np.random.default_rng([seed, epoch]).permutation(self.n_tokens) if shuffle else np.arange(self.n_tokens)
         for b in range(start * batch_size, self.n_tokens, batch_size):
             idx = np.sort(order[b : b + batch_size])
-            chunk_of = np.searchsorted(offsets, idx, side="right") - 1
-            xs, ys = [], []
-            for c in np.unique(chunk_of):
-                rows = idx[chunk_of == c] - offsets[c]
-                xs.append(self._rows("x", li, c, rows))
-                ys.append(self._rows("y", li, c, rows))
-            yield torch.cat(xs), torch.cat(ys)
+            chunk_of = np.searchsorted(offsets, idx, side="right") - 1  # sorted, so grouped by chunk
+            rows = idx - offsets[chunk_of]
+            yield self._gather("x", li, chunk_of, rows), self._gather("y", li, chunk_of, rows)
 
     def n_batches(self, batch_size: int) -> int:
         return math.ceil(self.n_tokens / batch_size)
