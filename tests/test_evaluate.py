@@ -14,7 +14,7 @@ from mxd.cli import main
 from mxd.data import DataConfig, load_blocks
 from mxd.evaluate import EvalConfig, evaluate_paths, evaluate_runs
 from mxd.models import find_mlp, load_model, mlp_activations
-from mxd.report import ReportConfig, write_report
+from mxd.report import ReportConfig, variant_labels, write_report
 from mxd.runs import read_run
 from mxd.sweep import SweepConfig, run_sweep
 from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig
@@ -165,3 +165,20 @@ def test_a_streamed_run_is_evaluated_and_its_train_split_refused(tiny_model_dir,
     assert record["layer"] == 1 and 0 < record["nmse"] < 2 and record["l0"] <= 4 and record["k"] == 4
     with pytest.raises(ValueError, match="overlaps training: a run streamed the train split"):
         evaluate_runs([read_run(tmp_path / "run")], EvalConfig(eval_tokens=8 * CTX, eval_split="train"), progress=False)
+
+
+def test_report_tells_variants_apart_by_the_settings_that_differ():
+    def record(kind, k, seed, **changes):
+        config = {"out": f"runs/{kind}-{k}-{seed}", "seed": seed, "lr_note": 1, "balance_coef": 0.0,
+                  "sparse": {"kind": kind, "k": k, "router": "flat"}}
+        for key, value in changes.items():
+            (config["sparse"] if key == "router" else config)[key] = value
+        return {"method": kind, "k": k, "config": config}
+
+    sweep = [record(kind, k, seed) for kind in ("mxd", "transcoder") for k in (16, 32) for seed in (0, 1)]
+    assert variant_labels(sweep) == ["MxD"] * 4 + ["TopK transcoder"] * 4  # K, seed and out are not variants
+    routers = [record("mxd", 32, 0), record("mxd", 32, 0, router="product_key"),
+               record("mxd", 32, 0, router="product_key", balance_coef=0.01)]
+    assert variant_labels(routers) == ["MxD (balance_coef=0.0, router=flat)", "MxD (balance_coef=0.0, router=product_key)",
+                                       "MxD (balance_coef=0.01, router=product_key)"]
+    assert variant_labels([{"method": "skip_transcoder", "k": 8}]) == ["skip transcoder"]  # a record without config

@@ -224,7 +224,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
             "ce_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_base) if ce_zero != ce_base else math.nan,
             "kl": kl[i] / predicted,
             "expert_rank": _expert_rank(run, cfg.rank_sample), "firing": _firing(s["fired"], n_tokens),
-            "eval_config": asdict(cfg),
+            "eval_config": asdict(cfg), "config": run.config,
         })
     return records
 

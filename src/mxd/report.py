@@ -1,7 +1,7 @@
 """Figures and a Markdown report from evaluated runs or sweeps (`mxd report`).
 
     REPORT/report.md                      the table and the figures, embedded
-    REPORT/frontier.{png,svg}             nmse, delta_ce and ce_recovered vs K, one line per method
+    REPORT/frontier.{png,svg}             nmse, delta_ce and ce_recovered vs K, one line per method or variant
     REPORT/training.{png,svg}             training and validation nmse vs training tokens, one line per run
     REPORT/firing.{png,svg}               how often latents fire, one histogram per run
 """
@@ -23,6 +23,10 @@ from mxd.evaluate import EVAL_FILE, find_runs, markdown_table  # noqa: E402
 from mxd.sweep import FRONTIER  # noqa: E402
 
 METHOD_LABELS = {"mxd": "MxD", "transcoder": "TopK transcoder", "skip_transcoder": "skip transcoder"}
+# Training settings that do not make a run another variant: what varies within one line of the frontier
+# (K, seed) and where and how it was run or logged.
+NOT_VARIANT = {"out", "resume", "seed", "ks", "sparse.k", "device", "placement", "log_every", "log_to",
+               "eval_every", "checkpoint_every", "keep_last"}
 
 
 @dataclass
@@ -54,6 +58,30 @@ def collect_records(inputs: list[str]) -> list[dict]:
     return records
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    """A nested config as {"sparse.router": value, ...}."""
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items |= _flat(value, f"{prefix}{key}.")
+        else:
+            items[prefix + key] = value
+    return items
+
+
+def variant_labels(records: list[dict]) -> list[str]:
+    """One label per record: its method, plus the training settings (K and seed aside) in which its
+    run differs from the others, e.g. "MxD (router=product_key)"; records without a config get the method."""
+    flat = [_flat(r.get("config") or {}) for r in records]
+    keys = sorted({k for f in flat for k in f} - NOT_VARIANT - {"sparse.kind"})
+    differing = [k for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
+    labels = []
+    for r, f in zip(records, flat):
+        settings = ", ".join(f"{k.split('.')[-1]}={f.get(k)}" for k in differing)
+        labels.append(METHOD_LABELS.get(r["method"], r["method"]) + (f" ({settings})" if settings else ""))
+    return labels
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     for p in paths:
@@ -63,25 +91,25 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 def plot_frontier(records: list[dict], out: Path) -> list[Path]:
-    """nmse, delta_ce and ce_recovered against K per method (mean over seeds; bars span min to max)."""
+    """nmse, delta_ce and ce_recovered against K, one line per variant (mean over seeds; bars span min to max)."""
     metrics = [("nmse", "nmse (lower is better)"), ("delta_ce", "Δ CE, nats (lower is better)"),
                ("ce_recovered", "CE recovered (higher is better)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
-    by_method = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        by_method[r["method"]][r["k"]].append(r)
+    by_variant = defaultdict(lambda: defaultdict(list))
+    for r, variant in zip(records, variant_labels(records)):
+        by_variant[variant][r["k"]].append(r)
     for ax, (key, label) in zip(axes, metrics):
-        for method, by_k in sorted(by_method.items()):
+        for variant, by_k in sorted(by_variant.items()):
             ks = sorted(by_k)
             values = [np.array([r[key] for r in by_k[k]], dtype=float) for k in ks]
             mean = np.array([v.mean() for v in values])
             err = np.array([[m - v.min() for v, m in zip(values, mean)], [v.max() - m for v, m in zip(values, mean)]])
-            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=METHOD_LABELS.get(method, method))
+            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=variant)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (active experts / latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     params = sorted({r["n_params"] for r in records})
     fig.suptitle(f"{records[0]['model']} layer {records[0]['layer']}: sparsity vs faithfulness "
                  f"({params[0]:,}–{params[-1]:,} parameters per layer, {records[0]['eval_tokens']:,} held-out tokens)")
