@@ -280,7 +280,8 @@ def _clip_grad_norm_(layer: SparseLayer, max_norm: float) -> None:
     grads = [p.grad for p in layer.parameters() if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     if norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
 
 
 class Trainer:
