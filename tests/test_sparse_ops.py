@@ -103,6 +103,45 @@ def test_scatter_outer_ignores_the_contents_of_its_uninitialised_output():
     indices, coeffs, vectors = torch.randint(0, 6, (4, 2)), torch.randn(4, 2), torch.randn(4, 3)
     a_t = torch.zeros(6, 4).index_put_((indices.T.flatten(), torch.arange(4).repeat(2)), coeffs.T.flatten(), accumulate=True)
     expected = a_t @ vectors
-    _close(sparse_ops.scatter_outer(indices, coeffs, vectors, 6), expected)
+    _close(sparse_ops.scatter_outer(sparse_ops.sort_pairs(indices, 6), coeffs, vectors), expected)
     garbage = torch.full((6, 3), float("nan"))
     _close(torch.addmm(garbage, a_t.to_sparse_csr(), vectors, beta=0.0, out=garbage), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 9),
+    n=st.integers(1, 3000),
+    k_frac=st.floats(0, 0.05),
+    levels=st.integers(1, 8),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_row_topk_selects_the_same_values_as_torch_topk(batch, n, k_frac, levels, dtype, seed):
+    """Exact through every prefilter level, any N mod 8, and ties (scores from a few distinct levels)."""
+    torch.manual_seed(seed)
+    k = max(1, round(k_frac * n))
+    scores = torch.randint(0, levels, (batch, n)).to(dtype) if levels < 8 else torch.randn(batch, n, dtype=dtype)
+    values, indices = sparse_ops.row_topk(scores, k)
+    expected = torch.topk(scores, k, dim=-1).values
+    assert torch.equal(values.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(scores.gather(1, indices), values)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct columns
+
+
+def test_row_topk_prefilters_on_cpu(monkeypatch):
+    """At N >= 32k the selection goes through group maxima: torch.topk never sees a full row."""
+    seen = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, *a, **kw: seen.append(x.shape[-1]) or real_topk(x, *a, **kw))
+    scores = torch.randn(3, 16384)
+    sparse_ops.row_topk(scores, 32)
+    assert max(seen) < 16384 // 4
+
+
+def test_gather_dot_returns_the_dots_in_token_order():
+    """`gather_dot` computes in row-sorted order and must put each dot back at its (token, k) place."""
+    torch.manual_seed(0)
+    indices, vectors, table = torch.randint(0, 5, (7, 3)), torch.randn(7, 4), torch.randn(5, 4)
+    expected = torch.einsum("bd,bkd->bk", vectors, table[indices])
+    _close(sparse_ops.gather_dot(sparse_ops.sort_pairs(indices, 5), vectors, table), expected)

@@ -3,8 +3,8 @@
 Both work on K (index, coefficient) pairs per token instead of a dense B×N tensor:
 
 - `topk_linear(x, W, b, k)`: TopK_K(ReLU(x Wᵀ + b)). The forward needs the dense logits, computed
-  a block of tokens at a time so that no [B, N] tensor is ever held; the backward touches only the K
-  selected rows of W per token.
+  a block of tokens at a time so that no [B, N] tensor is ever held, and selects from each block with
+  `row_topk`; the backward touches only the K selected rows of W per token.
 - `sparse_decode(indices, values, table)`: Σ_k values[:, k] · table[indices[:, k]], i.e. `C a` for
   MxD or `W_d f` for a transcoder, without a B×N by N×O matmul.
 
@@ -13,15 +13,18 @@ gradient is a product with A or a product sampled at its pattern:
 
 - `gather_sum`:    A v        (a gather of K rows per token: embedding_bag)
 - `scatter_outer`: Aᵀ v       (CSR sparse × dense: each table row sums over the tokens that chose it)
-- `gather_dot`:    (v Tᵀ)|A   (the dot products at A's K entries only: sampled_addmm)
+- `gather_dot`:    (T vᵀ)|Aᵀ  (the dot products at A's K entries only: sampled_addmm)
 
-so no [B, K, d] intermediate is built either. The sparse BLAS has no bf16 kernels: the backward
-computes in fp32 also under autocast (a small share of the FLOPs, and more accurate sums).
+so no [B, K, d] intermediate is built either. The last two walk Aᵀ, the pairs sorted by table row
+(`sort_pairs`, one sort shared by both), so that each table row is read or written once while the
+[B, d] vectors stay in cache. The sparse BLAS has no bf16 kernels: the backward computes in fp32
+also under autocast (a small share of the FLOPs, and more accurate sums).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,8 @@ from torch import Tensor
 
 # Bound on the elements of the [tokens, N] logits block of `topk_linear`'s forward (64 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 24
+# Columns per group in `row_topk`: each level of its prefilter shrinks the row this many times.
+GROUP_SIZE = 8
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -54,32 +59,70 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+def row_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row, unsorted.  [B, N] -> values [B, k], indices [B, k] int64.
+
+    On CPU, torch.topk costs 1-2 ns an element and scalar work per row, so this filters first. The
+    N columns form g = N // 8 groups of 8 strided columns {j, j + g, ..., j + 7g}. A group whose
+    maximum is not among the k largest group maxima holds no top-k entry: k other groups each hold a
+    larger or equal one. So the top-k of the 8k columns of the best k groups (and of the N mod 8
+    leftover columns) is the top-k of the row; the best groups are the `row_topk` of the [B, g]
+    maxima, one vectorised pass. Exact: tied entries may be picked at other indices than torch.topk
+    picks, with the same values. Other devices use torch.topk (a radix select on CUDA).
+    """
+    n_tokens, n = scores.shape
+    if scores.device.type != "cpu" or n < 4 * GROUP_SIZE * k:
+        return torch.topk(scores, k, dim=-1, sorted=False)
+    g = n // GROUP_SIZE
+    group_max = scores[:, : g * GROUP_SIZE].view(n_tokens, GROUP_SIZE, g).amax(1)  # [B, g]
+    best = row_topk(group_max, k)[1]  # [B, k] group ids
+    candidates = (best.unsqueeze(-1) + torch.arange(0, g * GROUP_SIZE, g, device=scores.device)).flatten(1)  # [B, 8k]
+    if n % GROUP_SIZE:
+        leftover = torch.arange(g * GROUP_SIZE, n, device=scores.device).expand(n_tokens, -1)
+        candidates = torch.cat([candidates, leftover], dim=1)
+    values, picked = scores.gather(1, candidates).topk(k, dim=-1, sorted=False)
+    return values, candidates.gather(1, picked)
+
+
 def gather_sum(indices: Tensor, coeffs: Tensor, table: Tensor) -> Tensor:
     """out[b] = Σ_k coeffs[b, k] · table[indices[b, k]].  [B, K], [B, K], [N, d] -> [B, d]."""
     return F.embedding_bag(indices, table, per_sample_weights=coeffs.to(table.dtype), mode="sum")
 
 
-def gather_dot(indices: Tensor, vectors: Tensor, table: Tensor) -> Tensor:
-    """out[b, k] = <vectors[b], table[indices[b, k]]>.  [B, K], [B, d], [N, d] -> [B, K]."""
-    n_tokens, k = indices.shape
-    crow = torch.arange(0, n_tokens * k + 1, k, device=indices.device)
-    pattern = _csr(crow, indices.reshape(-1), vectors.new_zeros(n_tokens * k), (n_tokens, table.shape[0]))
-    with torch.autocast(indices.device.type, enabled=False):  # backward may run inside autocast
-        return torch.sparse.sampled_addmm(pattern, vectors, table.T, beta=0.0).values().view(n_tokens, k)
+class SortedPairs(NamedTuple):
+    """The B·K (token, row) pairs of a [B, K] index tensor sorted by row: the CSR structure of Aᵀ."""
+
+    crow: Tensor  # [n_rows + 1] int64: row n's pairs are crow[n]:crow[n + 1]
+    tokens: Tensor  # [B·K] int64: the token of each sorted pair
+    order: Tensor  # [B·K] int64: each sorted pair's position in indices.flatten()
+    shape: tuple[int, int]  # (n_rows, B)
 
 
-def scatter_outer(indices: Tensor, coeffs: Tensor, vectors: Tensor, n_rows: int) -> Tensor:
-    """out[n] = Σ_{(b, k): indices[b, k] = n} coeffs[b, k] · vectors[b].  -> [n_rows, d].
-
-    Aᵀ as a CSR [n_rows, B] matrix (the K·B pairs sorted by row) times vectors [B, d].
-    """
+def sort_pairs(indices: Tensor, n_rows: int) -> SortedPairs:
+    """Sort the pairs of indices [B, K] (values < n_rows) by row; a stable sort keeps tokens ascending."""
     flat = indices.reshape(-1)
     order = flat.to(torch.int32).argsort(stable=True)  # faster than int64's in every side-by-side run (torch 2.13)
     crow = flat.new_zeros(n_rows + 1)
     torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
-    a_t = _csr(crow, order // indices.shape[1], coeffs.reshape(-1)[order].to(vectors.dtype), (n_rows, len(vectors)))
-    out = vectors.new_empty(n_rows, vectors.shape[1])
-    with torch.autocast(indices.device.type, enabled=False):  # backward may run inside autocast
+    return SortedPairs(crow, order // indices.shape[1], order, (n_rows, len(indices)))
+
+
+def gather_dot(pairs: SortedPairs, vectors: Tensor, table: Tensor) -> Tensor:
+    """out[b, k] = <vectors[b], table[indices[b, k]]>.  pairs of [B, K], [B, d], [N, d] -> [B, K]."""
+    pattern = _csr(pairs.crow, pairs.tokens, vectors.new_zeros(len(pairs.order)), pairs.shape)
+    with torch.autocast(vectors.device.type, enabled=False):  # backward may run inside autocast
+        dots = torch.sparse.sampled_addmm(pattern, table, vectors.T, beta=0.0).values()  # [B·K], sorted by row
+    return vectors.new_empty(len(pairs.order)).index_put_((pairs.order,), dots).view(pairs.shape[1], -1)
+
+
+def scatter_outer(pairs: SortedPairs, coeffs: Tensor, vectors: Tensor) -> Tensor:
+    """out[n] = Σ_{(b, k): indices[b, k] = n} coeffs[b, k] · vectors[b].  pairs of [B, K], [B, K], [B, d] -> [N, d].
+
+    Aᵀ as a CSR [N, B] matrix times vectors [B, d].
+    """
+    a_t = _csr(pairs.crow, pairs.tokens, coeffs.reshape(-1)[pairs.order].to(vectors.dtype), pairs.shape)
+    out = vectors.new_empty(pairs.shape[0], vectors.shape[1])
+    with torch.autocast(vectors.device.type, enabled=False):  # backward may run inside autocast
         # beta=0 into `out` itself: `a_t @ vectors` zero-fills a result and copies it (2x the time on CPU)
         return torch.addmm(out, a_t, vectors, beta=0.0, out=out)
 
@@ -103,7 +146,7 @@ class TopKLinear(torch.autograd.Function):
                 torch.mm(rows, w_c.T, out=logits)
             else:
                 torch.addmm(b_c, rows, w_c.T, out=logits)
-            torch.topk(logits, k, dim=-1, sorted=False, out=(values[block], indices[block]))
+            values[block], indices[block] = row_topk(logits, k)
         values.relu_()
         ctx.save_for_backward(x, weight, indices, values)
         ctx.has_bias = bias is not None
@@ -119,7 +162,7 @@ class TopKLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gather_sum(indices, grad_logits, weight.to(dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = scatter_outer(indices, grad_logits, x.to(dtype), weight.shape[0]).to(weight.dtype)
+            grad_weight = scatter_outer(sort_pairs(indices, len(weight)), grad_logits, x.to(dtype)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_logits.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad_logits.reshape(-1))
             grad_bias = grad_bias.to(weight.dtype)
@@ -145,10 +188,11 @@ class SparseDecode(torch.autograd.Function):
         dtype = sparse_dtype(torch.promote_types(values.dtype, table.dtype))
         grad_out = grad_out.to(dtype)
         grad_values = grad_table = None
+        pairs = sort_pairs(indices, len(table))
         if ctx.needs_input_grad[1]:
-            grad_values = gather_dot(indices, grad_out, table.to(dtype)).to(values.dtype)
+            grad_values = gather_dot(pairs, grad_out, table.to(dtype)).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_table = scatter_outer(indices, values.to(dtype), grad_out, table.shape[0]).to(table.dtype)
+            grad_table = scatter_outer(pairs, values.to(dtype), grad_out).to(table.dtype)
         return None, grad_values, grad_table
 
 
