@@ -23,6 +23,7 @@ also under autocast (a small share of the FLOPs, and more accurate sums).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -34,6 +35,30 @@ from torch import Tensor
 CHUNK_ELEMENTS = 1 << 24
 # Columns per group in `row_topk`: each level of its prefilter shrinks the row this many times.
 GROUP_SIZE = 8
+
+
+class _ScratchBuffers(threading.local):
+    def __init__(self):
+        self.by_dtype: dict[torch.dtype, Tensor] = {}  # flat CPU tensors
+
+
+_scratch_buffers = _ScratchBuffers()
+
+
+def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised [rows, cols] tensor; on CPU a view of a buffer kept per thread and dtype.
+
+    CPU has no caching allocator: a fresh 64 MiB logits block is mmapped and page-faulted on every
+    forward (~50 ms a step at N = 16,384 in fp32). The buffer grows to the largest block asked for,
+    at most CHUNK_ELEMENTS elements unless one row is longer. Other devices allocate (CUDA's caching
+    allocator already reuses memory).
+    """
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    buffers = _scratch_buffers.by_dtype
+    if buffers.get(dtype) is None or buffers[dtype].numel() < rows * cols:
+        buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buffers[dtype][: rows * cols].view(rows, cols)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -137,7 +162,7 @@ class TopKLinear(torch.autograd.Function):
         values = x_c.new_empty(len(x), k)
         indices = torch.empty(len(x), k, dtype=torch.int64, device=x.device)
         step = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        buffer = x_c.new_empty(min(step, len(x)), weight.shape[0])  # one [step, N] block, reused
+        buffer = _scratch(min(step, len(x)), weight.shape[0], dtype, x.device)  # one [step, N] block, reused
         for start in range(0, len(x), step):
             block = slice(start, start + step)
             rows = x_c[block]
