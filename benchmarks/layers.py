@@ -9,8 +9,11 @@ d_in = d_out = 576, H = 1536, GLU/SiLU (SmolLM2-135M's MLP), N experts, K active
 transcoder with the same parameter count (width M = N + 2,305 at these sizes). Inputs are N(0, 1).
 
 Reported per cell (N, K, dtype; dtype bf16 = CPU bf16 autocast):
-- tokens/s = B / median step time; repetitions of ours, dense and the matmul are interleaved so that
-  load from other processes hits all three alike; `load_avg_1min` is recorded with each cell.
+- tokens/s = B / median step time; repetitions of ours, dense and the matmul, in every requested
+  dtype, are interleaved so that load from other processes hits all alike; `load_avg_1min` is
+  recorded with each cell. With both dtypes, `ours_bf16_over_fp32` (our bf16 step's speed-up over
+  our fp32 step) comes from those interleaved timings, next to `matmul_bf16_over_fp32`, the same
+  ratio for the reference GEMM: what bf16 can gain at most where all the work is GEMMs.
 - peak activation memory (bytes): each side runs 2 steps in a fresh subprocess (glibc mmap threshold
   fixed at 128 KiB so freed tensors leave the resident set); the figure is the peak resident set
   during the steps (VmHWM, reset through /proc/self/clear_refs) minus the resident set just before
@@ -140,52 +143,74 @@ def memory(kind: str, side: str, n_experts: int, k: int, dtype: str, batch: int)
     return json.loads(out.splitlines()[-1])
 
 
-def run_cell(kind: str, n_experts: int, k: int, dtype: str, batch: int, reps: int) -> dict:
-    """Interleaved timings and subprocess memory of ours vs dense for one layer and cell."""
-    ours = build(kind, n_experts, k)
-    steps = {"ours": Step(ours, "ours", dtype), "dense": Step(copy.deepcopy(ours), "dense", dtype)}
+def run_cell(kind: str, n_experts: int, k: int, dtypes: list[str], batch: int, reps: int) -> list[dict]:
+    """Interleaved timings and subprocess memory of ours vs dense for one layer and (N, K), a record per dtype.
+
+    All dtypes' steps are interleaved in one loop, so that `ours_bf16_over_fp32` compares timings
+    taken under the same load.
+    """
+    ours = {dtype: build(kind, n_experts, k) for dtype in dtypes}
+    steps = {(dtype, side): Step(ours[dtype] if side == "ours" else copy.deepcopy(ours[dtype]), side, dtype)
+             for dtype in dtypes for side in SIDES}
+    gemms = {dtype: matmul_step(batch, n_experts, dtype) for dtype in dtypes}
     x, y = torch.randn(batch, D_IN), torch.randn(batch, D_OUT)
-    gemm, gemm_flops = matmul_step(batch, n_experts, dtype)
-    times = {"ours": [], "dense": [], "matmul": []}
-    for side in SIDES:
-        steps[side](x, y)  # warm-up
-    gemm()
+    times = {key: [] for key in [*steps, *((dtype, "matmul") for dtype in dtypes)]}
+    for step in steps.values():
+        step(x, y)  # warm-up
+    for gemm, _ in gemms.values():
+        gemm()
     for _ in range(reps):
-        for side in SIDES:
-            times[side].append(timed(lambda: steps[side](x, y)))
-        times["matmul"].append(timed(gemm))
-    median = {name: statistics.median(t) for name, t in times.items()}
-    mem = {side: memory(kind, side, n_experts, k, dtype, batch) for side in SIDES}
-    flops = useful_flops(ours, batch)
-    matmul_gflops = gemm_flops / median["matmul"] / 1e9
-    ours_useful = flops / median["ours"] / 1e9
-    return {
-        "layer": kind, "n_experts": n_experts, "k": k, "dtype": dtype, "batch_tokens": batch,
-        "latents": ours.n_latents, "params": ours.param_count(), "reps": reps,
-        "ours_tokens_per_s": batch / median["ours"], "dense_tokens_per_s": batch / median["dense"],
-        "ratio": median["dense"] / median["ours"],
-        "ours_step_s": times["ours"], "dense_step_s": times["dense"],
-        "ours_peak_bytes": mem["ours"]["peak_bytes"], "dense_peak_bytes": mem["dense"]["peak_bytes"],
-        "ours_base_rss_bytes": mem["ours"]["base_rss_bytes"], "dense_base_rss_bytes": mem["dense"]["base_rss_bytes"],
-        "useful_gflop_per_step": flops / 1e9, "matmul_gflops": matmul_gflops,
-        "ours_useful_gflops": ours_useful, "dense_useful_gflops": flops / median["dense"] / 1e9,
-        "ours_matmul_fraction": ours_useful / matmul_gflops,
-        "load_avg_1min": os.getloadavg()[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        for dtype in dtypes:
+            for side in SIDES:
+                times[dtype, side].append(timed(lambda: steps[dtype, side](x, y)))
+            times[dtype, "matmul"].append(timed(gemms[dtype][0]))
+    median = {key: statistics.median(t) for key, t in times.items()}
+    records = []
+    for dtype in dtypes:
+        mem = {side: memory(kind, side, n_experts, k, dtype, batch) for side in SIDES}
+        flops = useful_flops(ours[dtype], batch)
+        matmul_gflops = gemms[dtype][1] / median[dtype, "matmul"] / 1e9
+        ours_useful = flops / median[dtype, "ours"] / 1e9
+        records.append({
+            "layer": kind, "n_experts": n_experts, "k": k, "dtype": dtype, "batch_tokens": batch,
+            "latents": ours[dtype].n_latents, "params": ours[dtype].param_count(), "reps": reps,
+            "ours_tokens_per_s": batch / median[dtype, "ours"], "dense_tokens_per_s": batch / median[dtype, "dense"],
+            "ratio": median[dtype, "dense"] / median[dtype, "ours"],
+            "ours_step_s": times[dtype, "ours"], "dense_step_s": times[dtype, "dense"],
+            "ours_peak_bytes": mem["ours"]["peak_bytes"], "dense_peak_bytes": mem["dense"]["peak_bytes"],
+            "ours_base_rss_bytes": mem["ours"]["base_rss_bytes"], "dense_base_rss_bytes": mem["dense"]["base_rss_bytes"],
+            "useful_gflop_per_step": flops / 1e9, "matmul_gflops": matmul_gflops,
+            "ours_useful_gflops": ours_useful, "dense_useful_gflops": flops / median[dtype, "dense"] / 1e9,
+            "ours_matmul_fraction": ours_useful / matmul_gflops,
+            "load_avg_1min": os.getloadavg()[0], "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
+    if set(dtypes) >= {"fp32", "bf16"}:
+        for record in records:
+            record["ours_bf16_over_fp32"] = median["fp32", "ours"] / median["bf16", "ours"]
+            record["matmul_bf16_over_fp32"] = median["fp32", "matmul"] / median["bf16", "matmul"]  # the GEMMs' own gain
+    return records
+
+
+def _speedups(record: dict) -> str:
+    """"2.05x (2.28x)": our bf16/fp32 step speed-up and the GEMM's, or "" for a one-dtype run."""
+    if "ours_bf16_over_fp32" not in record:
+        return ""
+    return f"{record['ours_bf16_over_fp32']:.2f}x ({record['matmul_bf16_over_fp32']:.2f}x)"
 
 
 def table(cells: list[dict]) -> str:
     mib = 2**20
     rows = ["| layer | latents | K | dtype | ours tok/s | dense tok/s | ratio | ours act MiB | dense act MiB | "
-            "act ratio | useful GFLOP/s | matmul GFLOP/s | fraction | load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "act ratio | useful GFLOP/s | matmul GFLOP/s | fraction | bf16/fp32 (GEMM) | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         rows.append(
             f"| {c['layer']} | {c['latents']:,} | {c['k']} | {c['dtype']} | {c['ours_tokens_per_s']:,.0f} | "
             f"{c['dense_tokens_per_s']:,.0f} | {c['ratio']:.2f}x | {c['ours_peak_bytes'] / mib:,.0f} | "
             f"{c['dense_peak_bytes'] / mib:,.0f} | {c['ours_peak_bytes'] / c['dense_peak_bytes']:.2f} | "
             f"{c['ours_useful_gflops']:.0f} | {c['matmul_gflops']:.0f} | {c['ours_matmul_fraction']:.0%} | "
+            f"{_speedups(c)} | "
             f"{c['load_avg_1min']:.1f} |")
     return "\n".join(rows)
 
@@ -220,19 +245,20 @@ def main() -> None:
         print(json.dumps(probe_memory(*args.probe, n, k, dtype, args.batch)))
         return
     cells = []
-    for dtype in args.dtype:
-        for n in args.n_experts:
-            for k in args.k:
-                records = []
-                for kind in args.layer:
-                    if args.profile:
+    for n in args.n_experts:
+        for k in args.k:
+            if args.profile:
+                for dtype in args.dtype:
+                    for kind in args.layer:
                         print(f"## {kind} N={n} K={k} {dtype}")
                         profile(kind, n, k, dtype, args.batch)
-                        continue
-                    records.append(run_cell(kind, n, k, dtype, args.batch, args.reps))
-                    print(table(records[-1:]).splitlines()[-1], flush=True)
-                if records:
-                    cells.append(records[0] | ({"transcoder": records[1]} if len(records) == 2 else {}))
+                continue
+            by_layer = {}
+            for kind in args.layer:
+                by_layer[kind] = run_cell(kind, n, k, args.dtype, args.batch, args.reps)
+                print(table(by_layer[kind]).split("\n", 2)[2], flush=True)
+            for i, record in enumerate(by_layer[args.layer[0]]):
+                cells.append(record | ({"transcoder": by_layer["transcoder"][i]} if len(by_layer) == 2 else {}))
     if args.profile:
         return
     print(table([r for c in cells for r in (c, c.get("transcoder")) if r]))
