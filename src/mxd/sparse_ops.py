@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Bound on the elements of the [tokens, N] logits block of `topk_linear`'s forward (64 MiB in fp32).
+# Bound on the elements of the [tokens, N] logits block of `topk_linear`'s forward (64 MiB in fp32),
+# which on CPU stays allocated between calls (see `_scratch`).
 CHUNK_ELEMENTS = 1 << 24
 # Columns per group in `row_topk`: each level of its prefilter shrinks the row this many times.
 GROUP_SIZE = 8
@@ -197,15 +198,15 @@ class TopKLinear(torch.autograd.Function):
 class SparseDecode(torch.autograd.Function):
     """out = Σ_k values[:, k] · table[indices[:, k]]; backward gathers/scatters K rows per token.
 
-    Under autocast the sum runs in the inputs' own dtype (the table is not copied to bf16) and only
-    the [B, d] result is cast.
+    Under autocast the forward gathers from the table cast to the autocast dtype, as a linear layer
+    casts its weight (embedding_bag sums in fp32 and rounds the [B, d] result once; in bf16 at
+    N = 16,384, K = 32 it takes 4.4 ms with the cast against 8.4 ms in fp32); the backward is fp32.
     """
 
     @staticmethod
     def forward(ctx, indices: Tensor, values: Tensor, table: Tensor):
-        dtype = torch.promote_types(values.dtype, table.dtype)
         ctx.save_for_backward(indices, values, table)
-        return gather_sum(indices, values.to(dtype), table.to(dtype)).to(compute_dtype(values, table))
+        return gather_sum(indices, values, table.to(compute_dtype(values, table)))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
