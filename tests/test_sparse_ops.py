@@ -145,3 +145,20 @@ def test_gather_dot_returns_the_dots_in_token_order():
     indices, vectors, table = torch.randint(0, 5, (7, 3)), torch.randn(7, 4), torch.randn(5, 4)
     expected = torch.einsum("bd,bkd->bk", vectors, table[indices])
     _close(sparse_ops.gather_dot(sparse_ops.sort_pairs(indices, 5), vectors, table), expected)
+
+
+def test_topk_linear_results_survive_later_calls_and_other_threads():
+    """The logits block is a reused per-thread buffer: no result may alias it, and threads must not share it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    inputs = [(torch.randn(33, 8), torch.randn(300, 8), torch.randn(300)) for _ in range(6)]
+    expected = [torch.topk(torch.addmm(b, x, w.T), 5, dim=-1).values.relu().sort(-1).values for x, w, b in inputs]
+    first = topk_linear(*inputs[0], 5)[0].clone()
+    kept = topk_linear(*inputs[0], 5)[0]
+    topk_linear(*inputs[1], 5)  # reuses the buffer
+    torch.testing.assert_close(kept, first)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda args: topk_linear(*args, 5)[0], inputs * 4))
+    for i, values in enumerate(results):
+        torch.testing.assert_close(values.sort(-1).values, expected[i % len(inputs)])
