@@ -1,5 +1,7 @@
 """The sparse kernels against autograd's numerical gradients and a dense reference."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -149,8 +151,6 @@ def test_gather_dot_returns_the_dots_in_token_order():
 
 def test_topk_linear_results_survive_later_calls_and_other_threads():
     """The logits block is a reused per-thread buffer: no result may alias it, and threads must not share it."""
-    from concurrent.futures import ThreadPoolExecutor
-
     torch.manual_seed(0)
     inputs = [(torch.randn(33, 8), torch.randn(300, 8), torch.randn(300)) for _ in range(6)]
     expected = [torch.topk(torch.addmm(b, x, w.T), 5, dim=-1).values.relu().sort(-1).values for x, w, b in inputs]

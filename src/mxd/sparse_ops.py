@@ -57,7 +57,7 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu":
         return torch.empty(rows, cols, dtype=dtype, device=device)
     buffers = _scratch_buffers.by_dtype
-    if buffers.get(dtype) is None or buffers[dtype].numel() < rows * cols:
+    if dtype not in buffers or buffers[dtype].numel() < rows * cols:
         buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
     return buffers[dtype][: rows * cols].view(rows, cols)
 
