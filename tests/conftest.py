@@ -13,6 +13,8 @@ LAYER_KINDS = {
     "mxd_mlp": lambda: MxD(MxDConfig(12, 10, d_hidden=16, n_experts=40, k=5, activation="gelu", glu=False)),
     "mxd_unit_norm": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, unit_norm_modulators=True, bias=False)),
     "mxd_product_key": lambda: MxD(MxDConfig(12, 10, d_hidden=16, n_experts=48, k=5, router="product_key")),
+    "mxd_shared_balanced": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, shared_modulator=True, balance_rate=0.1)),
+    "mxd_dense_only": lambda: MxD(MxDConfig(12, 10, 16, n_experts=0, k=0, shared_modulator=True)),
     "transcoder": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=6)),
     "transcoder_l1": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=1, sparsity="l1")),
     "skip_transcoder": lambda: SkipTranscoder(TranscoderConfig(12, 10, width=48, k=6)),
@@ -21,11 +23,11 @@ LAYER_KINDS = {
 
 @pytest.fixture(params=sorted(LAYER_KINDS))
 def layer(request):
-    """A freshly initialised layer of each kind, with every parameter randomised (no zero inits)."""
+    """A freshly initialised layer of each kind, with every parameter and buffer randomised (no zero inits)."""
     torch.manual_seed(0)
     layer = LAYER_KINDS[request.param]()
     with torch.no_grad():
-        for p in layer.parameters():
+        for p in [*layer.parameters(), *layer.buffers()]:
             p.add_(torch.randn_like(p) * 0.3)
     layer.normalize_weights_()
     return layer

@@ -12,8 +12,9 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mxd import MxD, MxDConfig, SkipTranscoder, Transcoder, TranscoderConfig, match_n_experts
-from mxd.layers import ACTIVATIONS
+from mxd.layers import ACTIVATIONS, match_skip_width
 from mxd.reference import dense_forward
+from mxd.sparse_ops import topk_linear
 
 
 def _close(actual, expected, rel=1e-5):
@@ -271,8 +272,18 @@ def test_skip_transcoder_starts_as_transcoder_and_learns_skip():
     x = torch.randn(5, 12)
     assert (skip.skip.weight == 0).all()
     torch.testing.assert_close(skip(x)[0], plain(x)[0])
-    skip(x)[0].pow(2).sum().backward()
+    (skip(x)[0] - torch.randn(5, 10)).pow(2).sum().backward()  # the zero-initialised decoder outputs b = 0
     assert skip.skip.weight.grad.abs().sum() > 0
+
+
+def test_transcoder_decoder_starts_at_zero_or_uniform():
+    torch.manual_seed(0)
+    zero = Transcoder(TranscoderConfig(12, 10, width=48, k=6))
+    uniform = Transcoder(TranscoderConfig(12, 10, width=48, k=6, decoder_init="uniform"))
+    assert (zero.decoder == 0).all()
+    assert uniform.decoder.abs().max() <= 1 / 48**0.5 and uniform.decoder.abs().min() > 0
+    with pytest.raises(ValueError, match="decoder_init='zero' is invalid with unit_norm_decoder"):
+        TranscoderConfig(12, 10, width=48, k=6, unit_norm_decoder=True)
 
 
 # --- bf16 autocast -----------------------------------------------------------------------------
@@ -297,10 +308,92 @@ def test_bf16_autocast_forward_backward(layer):
         y16_same_codes = layer.decode(codes32, x).float()
     rel = (y16_same_codes - y32).norm() / y32.norm()
     assert rel < 0.02, f"bf16 output differs from fp32 by {rel:.3f}"
-    agree = F.cosine_similarity(codes16.to_dense(layer.n_latents), codes32.to_dense(layer.n_latents).detach()).mean()
-    assert agree > 0.95, f"bf16 codes agree with fp32 codes by cosine {agree:.3f}"
+    if layer.n_latents:  # (the dense-only MxD has no codes)
+        agree = F.cosine_similarity(codes16.to_dense(layer.n_latents), codes32.to_dense(layer.n_latents).detach()).mean()
+        assert agree > 0.95, f"bf16 codes agree with fp32 codes by cosine {agree:.3f}"
     for name, p in layer.named_parameters():
         assert p.grad.dtype == p.dtype == torch.float32
         assert torch.isfinite(p.grad).all()
         cos = F.cosine_similarity(p.grad.flatten(), grads32[name].flatten(), dim=0)
         assert cos > 0.95, f"{name}: bf16 gradient cosine {cos:.3f}"
+
+
+# --- always-on remedies, the dense-only reference, ablations, data init, budgets ----------------
+
+
+def test_selection_bias_chooses_but_does_not_weigh():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(6, 12), torch.randn(40, 12), torch.randn(40)
+    beta = torch.zeros(40)
+    beta[7] = 100.0  # expert 7 is always chosen, with its own (unbiased) coefficient
+    values, indices = topk_linear(x, weight, bias, 5, beta)
+    logits = F.linear(x, weight, bias)
+    assert (indices == 7).any(-1).all()
+    torch.testing.assert_close(values, logits.gather(1, indices).relu())
+    plain_values, plain_indices = topk_linear(x, weight, bias, 5)
+    assert set(indices[0].tolist()) - {7} <= set(plain_indices[0].tolist())
+
+
+def test_balance_moves_the_selection_bias_toward_equal_load():
+    layer = MxD(MxDConfig(12, 10, 16, n_experts=4, k=1, balance_rate=0.5))
+    layer.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]))  # mean load 4
+    torch.testing.assert_close(layer.router.selection_bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    unbalanced = MxD(MxDConfig(12, 10, 16, n_experts=4, k=1))
+    unbalanced.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]))  # a no-op without balance_rate
+    assert unbalanced.router.selection_bias is None and "router.selection_bias" not in unbalanced.state_dict()
+
+
+def test_shared_modulator_and_the_dense_only_reference():
+    torch.manual_seed(0)
+    x = torch.randn(8, 12)
+    dense_only = MxD(MxDConfig(12, 10, 16, n_experts=0, k=0, shared_modulator=True))
+    assert dense_only.n_latents == 0 and dense_only.router is None and dense_only.modulators is None
+    with torch.no_grad():
+        dense_only.shared.uniform_(0.5, 1.5)
+        dense_only.bias.normal_()
+    torch.testing.assert_close(dense_only(x)[0], dense_only.dense(x) * dense_only.shared + dense_only.bias)
+    assert dense_only.param_count() == MxDConfig(12, 10, 16, 0, 0, shared_modulator=True).param_count()
+    shared = MxD(MxDConfig(12, 10, 16, n_experts=40, k=5, shared_modulator=True))
+    codes = shared.encode(x)
+    torch.testing.assert_close(shared.modulation(codes), codes.to_dense(40) @ shared.modulators + shared.shared)
+    with pytest.raises(ValueError, match="needs shared_modulator=True"):
+        MxDConfig(12, 10, 16, n_experts=0, k=0)
+    with pytest.raises(ValueError, match="balance_rate=-1"):
+        MxDConfig(12, 10, 16, 40, 5, balance_rate=-1)
+    with pytest.raises(ValueError, match="flat router only"):
+        MxDConfig(12, 10, 16, 49, 5, router="product_key", balance_rate=0.1)
+
+
+def test_ablations_of_an_mxd():
+    torch.manual_seed(0)
+    layer = MxD(MxDConfig(12, 10, 16, n_experts=40, k=5, shared_modulator=True))
+    with torch.no_grad():
+        layer.decoder.weight.normal_()
+    x = torch.randn(8, 12)
+    everyone, nobody = torch.ones(40, dtype=torch.bool), torch.zeros(40, dtype=torch.bool)
+    torch.testing.assert_close(layer.ablated(x, keep=everyone), layer(x)[0])
+    torch.testing.assert_close(layer.ablated(x, keep=nobody), layer.dense(x) * layer.shared + layer.bias)
+    fixed = torch.randn(10)
+    torch.testing.assert_close(layer.ablated(x, modulation=fixed), layer.dense(x) * fixed + layer.bias)
+    some = torch.rand(40) > 0.5
+    codes = layer.encode(x)
+    kept = codes.to_dense(40) * some
+    torch.testing.assert_close(layer.ablated(x, keep=some), layer.dense(x) * (kept @ layer.modulators + layer.shared) + layer.bias)
+
+
+def test_data_init_centres_the_transcoder():
+    torch.manual_seed(0)
+    layer = Transcoder(TranscoderConfig(12, 10, width=48, k=6))
+    mean_x, mean_y = torch.randn(12), torch.randn(10)
+    layer.init_from_means_(mean_x, mean_y)
+    torch.testing.assert_close(layer.bias.data, mean_y)
+    torch.testing.assert_close(F.linear(mean_x, layer.encoder.weight, layer.encoder.bias), torch.zeros(48), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(mean_x[None])[0][0], mean_y)  # the zero decoder outputs b
+
+
+@pytest.mark.parametrize("d_in, d_out, width", [(576, 576, 9216), (768, 768, 24576), (12, 10, 480)])
+def test_skip_transcoder_width_pays_for_its_skip_matrix(d_in, d_out, width):
+    budget = TranscoderConfig(d_in, d_out, width, 1).param_count()
+    skip = SkipTranscoder(TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), 1))
+    assert abs(skip.param_count() - budget) / budget < 0.005
+    assert abs(skip.param_count() - budget) <= (d_in + d_out + 1) / 2

@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mxd.checks import check_at_least
-from mxd.data import DataConfig, iter_documents, token_blocks
+from mxd.data import SPLITS, DataConfig, iter_documents, token_blocks
 from mxd.models import DEFAULT_MODEL, MLPSite, find_mlp, host_mlp, load_model, mlp_activations
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,7 +50,7 @@ class HarvestConfig:
 
     out: folder of the cache (an interrupted harvest there resumes); model: embedded model name,
     local folder or Hub id; layers: MLP sites harvested in one forward pass; module_path: override of
-    the MLP module (e.g. "model.layers.{layer}.mlp"); split: "train" or "validation" documents;
+    the MLP module (e.g. "model.layers.{layer}.mlp"); split: "train", "validation" or "test" documents;
     max_tokens: total over all ranks; batch_size: sequences per forward pass; chunk_tokens: tokens
     per chunk file (a multiple of context_len); dtype: storage dtype, fp32 or bf16; model_dtype: the
     dtype the model runs in; device: cpu, cuda or cuda:N.
@@ -75,8 +75,8 @@ class HarvestConfig:
         for name in ("dtype", "model_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: valid values are {', '.join(DTYPES)}")
-        if self.split not in ("train", "validation"):
-            raise ValueError(f"split={self.split!r} is invalid: valid values are 'train', 'validation'")
+        if self.split not in SPLITS:
+            raise ValueError(f"split={self.split!r} is invalid: valid values are {', '.join(SPLITS)}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers={self.layers} is invalid: give one or more distinct layer indices")
         check_at_least(self, 1, "max_tokens", "batch_size", "chunk_tokens")

@@ -150,7 +150,7 @@ def _cmd_train(cfg: TrainConfig) -> None:
 
 
 def _cmd_eval(cfg: EvalCommand) -> None:
-    records = evaluate_paths(cfg.runs, cfg.eval, cfg.out)
+    records = evaluate_paths(cfg.runs, cfg.eval, cfg.out, site=cfg.site)
     where = f"{cfg.out}/eval.json and {cfg.out}/eval.md" if cfg.out else "each run's eval.json"
     print(f"\n{records[0]['eval_tokens']:,} held-out tokens of {records[0]['model']}:\n{eval_table(records)}\nresults in {where}")
 

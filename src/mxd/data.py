@@ -8,10 +8,14 @@ Sources (`DataConfig.source`):
   recursively in sorted path order.
 - anything else: a Hugging Face dataset, `datasets.load_dataset(source, dataset_config, streaming=True)`.
 
-Split: a dataset with its own "validation" (else "test") split uses it for validation and its "train"
-split for training (`max_documents` then caps each). Every other source is split by document: a document is held out when the blake2b
-hash of its text falls below `validation_fraction`, so the split is deterministic, independent of
-order, and identical texts always land on the same side.
+Splits: "train", "validation" (held out, for validation and model selection) and "test" (held out
+from both, for the final report; empty unless `test_fraction` > 0). A Hugging Face dataset with its
+own "validation" (else "test") split uses it for validation, its "test" split (when it also has a
+"validation" one) for test, and its "train" split for training (`max_documents` then caps each).
+Every other source is split by document: the blake2b hash of a document's text, read as a number
+u in [0, 1), puts it in validation when u < validation_fraction, in test when u falls in the next
+test_fraction, and in train otherwise; so the split is deterministic, independent of order, and
+identical texts always land on the same side.
 
 Packing: documents are tokenized without special tokens, in batches, and concatenated into one stream,
 each followed by a separator (EOS, or BOS when the tokenizer has no EOS). When the model's convention
@@ -39,7 +43,7 @@ from mwparserfromhell.nodes import Heading, Tag, Wikilink
 from mwparserfromhell.wikicode import Wikicode
 from torch import Tensor
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 HELD_OUT_SPLITS = ("validation", "test")  # a dataset's own held-out split, in order of preference
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> builder
 LOCAL_SUFFIXES = (".txt", *TABLE_FORMATS)
@@ -53,6 +57,7 @@ class DataConfig:
     source: "builtin" (all built-in corpora), "builtin:NAME", a local file or folder, or a Hugging Face dataset;
     context_len: tokens per block;
     validation_fraction: fraction of documents held out for validation;
+    test_fraction: fraction of documents held out for the final test (neither trained on nor used for selection);
     text_column: the column holding the text in tables and datasets;
     dataset_config: the Hugging Face dataset's config name;
     max_documents: read at most this many documents of the source (before the train/validation split).
@@ -61,6 +66,7 @@ class DataConfig:
     source: str = "builtin"
     context_len: int = 128
     validation_fraction: float = 0.1
+    test_fraction: float = 0.0
     text_column: str = "text"
     dataset_config: str | None = None
     max_documents: int | None = None
@@ -73,6 +79,8 @@ class DataConfig:
         _check_context_len(self.context_len)
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction={self.validation_fraction!r} is invalid: must be in [0, 1)")
+        if not 0 <= self.test_fraction < 1 - self.validation_fraction:
+            raise ValueError(f"test_fraction={self.test_fraction!r} is invalid: must be in [0, 1 - validation_fraction)")
         if not isinstance(self.text_column, str) or not self.text_column:
             raise ValueError(f"text_column={self.text_column!r} is invalid: must be a non-empty string")
         if self.max_documents is not None and (not _is_int(self.max_documents) or self.max_documents < 1):
@@ -263,7 +271,8 @@ def _column(rows: Iterable[dict], column: str, where: str) -> Iterator[str]:
 
 
 def _hub_documents(config: DataConfig, split: str) -> tuple[Iterator[str], bool]:
-    """(documents, already split): the dataset's held-out split when it has one, else its train split."""
+    """(documents, already split): the dataset's own split for `split` when it has held-out splits
+    (see the module doc), else its train split, to be split by document."""
     import datasets
 
     try:
@@ -273,7 +282,10 @@ def _hub_documents(config: DataConfig, split: str) -> tuple[Iterator[str], bool]
     if "train" not in splits:
         raise ValueError(f"dataset {config.source!r} has no 'train' split (splits: {', '.join(splits)})")
     held_out = next((s for s in HELD_OUT_SPLITS if s in splits), None)
-    name = held_out if split == "validation" and held_out else "train"
+    if split == "test" and held_out and not all(s in splits for s in HELD_OUT_SPLITS):
+        raise ValueError(f"dataset {config.source!r} has no test split apart from its validation one "
+                         f"(splits: {', '.join(splits)}); evaluate on its validation split")
+    name = {"train": "train", "validation": held_out, "test": "test"}[split] if held_out else "train"
     where = f"dataset {config.source!r} (split {name!r})"
     return _column(splits[name], config.text_column, where), held_out is not None
 
@@ -288,14 +300,25 @@ def _unknown_source(source: str, reason: str) -> str:
 # ---------------------------------------------------------------- documents and blocks
 
 
-def _is_held_out(document: str, fraction: float) -> bool:
-    """Whether the document's stable hash, read as a number in [0, 1), falls below `fraction`."""
-    digest = hashlib.blake2b(document.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
+def document_split(document: str, config: DataConfig) -> str:
+    """The split ("train", "validation" or "test") a document of a source split by document falls in."""
+    u = int.from_bytes(hashlib.blake2b(document.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
+    if u < config.validation_fraction:
+        return "validation"
+    return "test" if u < config.validation_fraction + config.test_fraction else "train"
+
+
+def splits_by_document(config: DataConfig) -> bool:
+    """Whether the source is split by document hash (built-in corpora and local files; a Hugging Face
+    dataset with its own held-out splits is not)."""
+    source = config.source
+    if source == "builtin" or source in BUILTIN_SOURCES or Path(source).expanduser().exists():
+        return True
+    return False if source.startswith((".", "/", "~")) else not _hub_documents(config, "train")[1]
 
 
 def iter_documents(config: DataConfig, split: str) -> Iterator[str]:
-    """The non-empty documents of `split` ("train" or "validation"), in a fixed order.
+    """The non-empty documents of `split` ("train", "validation" or "test"), in a fixed order.
 
     An unknown or unreadable source raises (ValueError, FileNotFoundError) here, before the first
     document. Each document lands in exactly one split (see the module doc).
@@ -316,8 +339,7 @@ def iter_documents(config: DataConfig, split: str) -> Iterator[str]:
     documents = islice((d.strip() for d in documents if isinstance(d, str) and d.strip()), config.max_documents)
     if presplit:
         return documents
-    held_out = split == "validation"
-    return (d for d in documents if _is_held_out(d, config.validation_fraction) == held_out)
+    return (d for d in documents if document_split(d, config) == split)
 
 
 def prepended_bos(tokenizer) -> int | None:

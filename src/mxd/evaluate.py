@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 
 from mxd.checks import check_at_least
 from mxd.activations import DTYPES, ActivationCache
-from mxd.data import load_blocks
+from mxd.data import SPLITS, load_blocks, splits_by_document
 from mxd.layers import MxD
-from mxd.models import find_mlp, load_model, mlp_activations, splice
-from mxd.runs import RunInfo, read_run
+from mxd.metrics import ALWAYS_ON_RATE, firing_metrics
+from mxd.models import as_mlp, find_mlp, load_model, mlp_activations, mlp_hooks, splice
+from mxd.runs import RunInfo, SiteOptions, is_run, read_run
 
 EVAL_FILE = "eval.json"
+ABLATIONS = ("mean_routing", "always_on_only", "token_specific_only")  # of an MxD's experts, at evaluation time
 
 
 @dataclass
@@ -37,10 +39,13 @@ class EvalConfig:
     """How runs are evaluated.
 
     eval_tokens: held-out tokens evaluated; eval_batch_size: sequences per forward pass;
-    eval_source: text source, None for the runs' training source; eval_split: validation or
-    train documents of that source (blocks a run trained on are refused either way); eval_dtype:
-    fp32 or bf16 for the model, None for the dtype its activations were harvested in;
-    rank_sample: MxD experts whose normalised rank is computed (a random sample)
+    eval_source: text source, None for the runs' training source; eval_split: validation, test or
+    train documents of that source (blocks a run trained on are refused either way; test blocks
+    also may not be in a run's validation cache); eval_dtype: fp32 or bf16 for the model, None for
+    the dtype its activations were harvested in; rank_sample: MxD experts whose normalised rank is
+    computed (a random sample); ablations: MxD ablations evaluated without retraining (mean_routing,
+    always_on_only, token_specific_only; None: all three for every MxD run, none for others; an
+    empty list: none)
     """
 
     eval_tokens: int = 65_536
@@ -49,10 +54,14 @@ class EvalConfig:
     eval_split: str = "validation"
     eval_dtype: str | None = None
     rank_sample: int = 128
+    ablations: list[str] | None = None
 
     def __post_init__(self):
-        if self.eval_split not in ("train", "validation"):
-            raise ValueError(f"eval_split={self.eval_split!r} is invalid: valid values are 'train', 'validation'")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"eval_split={self.eval_split!r} is invalid: valid values are {', '.join(SPLITS)}")
+        bad = [a for a in self.ablations or [] if a not in ABLATIONS]
+        if bad:
+            raise ValueError(f"ablations {bad} are invalid: valid values are {', '.join(ABLATIONS)}")
         if self.eval_dtype is not None and self.eval_dtype not in DTYPES:
             raise ValueError(f"eval_dtype={self.eval_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
         check_at_least(self, 1, "eval_tokens", "eval_batch_size")
@@ -62,49 +71,63 @@ class EvalConfig:
 class EvalCommand:
     """`mxd eval`: which runs, and where the combined results go.
 
-    runs: run folders, or folders of runs (as mxd train --ks or mxd sweep write); out: folder for
-    the combined eval.json and eval.md (every run also gets its own eval.json)
+    runs: run folders, or folders of runs (as mxd train --ks or mxd sweep write), or hookpoint
+    folders of coders saved by sparsify; out: folder for the combined eval.json and eval.md (every
+    run also gets its own eval.json)
     """
 
     runs: list[str]
     out: str | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    site: SiteOptions = field(default_factory=SiteOptions)
 
     def __post_init__(self):
         if isinstance(self.eval, dict):
             self.eval = EvalConfig(**self.eval)
+        if isinstance(self.site, dict):
+            self.site = SiteOptions(**self.site)
 
 
 def find_runs(paths: list[str]) -> list[Path]:
     """Run folders among `paths`; a folder without a run of its own stands for the runs directly inside it."""
     found = []
     for path in map(Path, paths):
-        if (path / "config.json").is_file() or not path.is_dir():
+        if is_run(path) or not path.is_dir():
             found.append(path)
         else:
-            inner = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+            inner = sorted(p for p in path.iterdir() if is_run(p))
             if not inner:
-                raise ValueError(f"{str(path)!r} is not a training run and holds none (written by mxd train)")
+                raise ValueError(f"{str(path)!r} is not a training run and holds none (written by mxd train or sparsify)")
             found += inner
     return found
 
 
 def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer) -> Tensor:
-    """Held-out token blocks [n, context_len]; raises if any of them was in a run's training cache."""
-    data = runs[0].data if cfg.eval_source is None else replace(runs[0].data, source=cfg.eval_source)
+    """Held-out token blocks [n, context_len] of the runs' text source (of the first run that names
+    one); raises if any of them was in a run's training cache, or, for the test split, in a run's
+    validation cache (used for selection)."""
+    data = next((run.data for run in runs if run.config.get("format") is None), runs[0].data)
+    data = data if cfg.eval_source is None else replace(data, source=cfg.eval_source)
+    if cfg.eval_split == "test" and not data.test_fraction and splits_by_document(data):
+        raise ValueError(f"eval_split='test' is empty: source {data.source!r} was split with test_fraction=0; "
+                         "harvest and train with --test-fraction > 0 (e.g. 0.1) to hold out test documents")
     blocks = load_blocks(data, tokenizer, cfg.eval_split, cfg.eval_tokens)
     if cfg.eval_split == "train" and any(run.cache is None and run.data == data for run in runs):
         raise ValueError("the evaluation set overlaps training: a run streamed the train split of this source; "
-                         "evaluate on held-out text (eval_split=validation)")
+                         "evaluate on held-out text (eval_split=validation or test)")
     wanted = {row.numpy().astype(np.int32).tobytes() for row in blocks}
-    for cache_path in sorted({run.cache for run in runs if run.cache is not None}):
+    caches = {(run.cache, "training") for run in runs if run.cache is not None}
+    if cfg.eval_split == "test":
+        caches |= {(run.val_cache, "validation") for run in runs if run.val_cache is not None}
+    for cache_path, role in sorted(caches):
         cache = ActivationCache(cache_path)
         if cache.manifest["context_len"] != blocks.shape[1]:
             continue  # blocks of another length cannot coincide
         seen = sum(row.tobytes() in wanted for i in range(len(cache.chunks)) for row in cache.tokens(i).numpy().astype(np.int32))
         if seen:
-            raise ValueError(f"the evaluation set overlaps training: {seen} of its {len(blocks)} blocks are in the "
-                             f"training cache {cache_path}; evaluate on held-out text (eval_split=validation)")
+            raise ValueError(f"the evaluation set overlaps {role}: {seen} of its {len(blocks)} blocks are in the "
+                             f"{role} cache {cache_path}; evaluate on held-out text "
+                             f"({'eval_split=test' if role == 'validation' else 'eval_split=validation or test'})")
     return blocks
 
 
@@ -112,11 +135,6 @@ def _next_token_logprobs(model, ids: Tensor) -> Tensor:
     """log p(next token) at every position but the last: [B, T-1, vocab], in fp32 at least."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
-def _ce(logp: Tensor, ids: Tensor) -> Tensor:
-    """Summed next-token cross-entropy of a batch (nats)."""
-    return -logp.gather(-1, ids[:, 1:, None]).sum()
 
 
 class _Constant(torch.nn.Module):
@@ -128,6 +146,17 @@ class _Constant(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.value.to(x.dtype).expand(len(x), -1)
+
+
+class _Ablated(torch.nn.Module):
+    """An MxD with only the experts in `keep` used, or its modulation fixed (see MxD.ablated)."""
+
+    def __init__(self, layer: MxD, keep: Tensor | None, modulation: Tensor | None):
+        super().__init__()
+        self.layer, self.keep, self.modulation = layer, keep, modulation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer.ablated(x, self.keep, self.modulation)
 
 
 def _expert_rank(run: RunInfo, sample: int, seed: int = 0) -> dict | None:
@@ -150,6 +179,34 @@ def _firing(counts: Tensor, tokens: int) -> dict:
             "quantiles": dict(zip(map(str, q), torch.quantile(freq.float(), torch.tensor(q)).tolist()))}
 
 
+def _sequence_ce(logp: Tensor, ids: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of each sequence (nats), [B] float64."""
+    return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).double().sum(-1)
+
+
+def _paired_ci(base: np.ndarray, spliced: np.ndarray, zero: np.ndarray, per_seq: int, seed: int = 0,
+               resamples: int = 1000) -> dict:
+    """95% bootstrap intervals of delta_ce and ce_recovered, resampling sequences (paired across the three models)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(resamples, len(base)))
+    b, s, z = base[idx].sum(1), spliced[idx].sum(1), zero[idx].sum(1)
+    delta = (s - b) / (len(base) * per_seq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recovered = (z - s) / (z - b)
+    return {"delta_ce_ci95": np.nanpercentile(delta, [2.5, 97.5]).tolist(),
+            "ce_recovered_ci95": np.nanpercentile(recovered, [2.5, 97.5]).tolist()}
+
+
+def _check_ablations(runs: list[RunInfo], ablations: list[str] | None) -> list[list[str]]:
+    """The ablations evaluated for each run: all of them for MxD runs with experts unless a list is given."""
+    if ablations is None:
+        return [list(ABLATIONS) if isinstance(r.layer, MxD) and r.layer.n_latents else [] for r in runs]
+    not_mxd = [str(r.path) for r in runs if not (isinstance(r.layer, MxD) and r.layer.n_latents)] if ablations else []
+    if not_mxd:
+        raise ValueError(f"ablations {ablations} need MxD runs with experts; not one: {', '.join(not_mxd)}")
+    return [list(ablations) for _ in runs]
+
+
 @torch.no_grad()
 def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict]:
     """One record of metrics per run (same model for all); see the module docstring for the passes."""
@@ -157,6 +214,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     if len(models) > 1:
         raise ValueError(f"runs of different models or context lengths cannot be evaluated together: "
                          f"{sorted(map(str, models))}; evaluate them separately")
+    todo = _check_ablations(runs, cfg.ablations)
     dtype = cfg.eval_dtype or runs[0].model_dtype
     if model is None:
         model, tokenizer = load_model(runs[0].model, dtype=DTYPES[dtype])
@@ -168,8 +226,8 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     batches = blocks.split(cfg.eval_batch_size)
     n_tokens = blocks.numel()
 
-    # pass 1: reconstruction, firing, mean MLP outputs
-    stats = [{"err": 0.0, "l0": 0.0, "fired": torch.zeros(run.layer.n_latents, dtype=torch.long)} for run in runs]
+    # pass 1: reconstruction, firing, mean MLP outputs and (MxD) mean modulation
+    stats = [{"err": 0.0, "fired": torch.zeros(run.layer.n_latents, dtype=torch.long), "modulation": 0.0} for run in runs]
     sum_y = {layer: 0.0 for layer in sites}
     sq_y = {layer: 0.0 for layer in sites}
     for ids in tqdm(batches, desc="eval: reconstruction", disable=not progress):
@@ -178,58 +236,109 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
             y = y.reshape(-1, y.shape[-1]).double()
             sum_y[layer] = sum_y[layer] + y.sum(0)
             sq_y[layer] += y.pow(2).sum().item()
-        for run, s in zip(runs, stats):
+        for run, s, ablations in zip(runs, stats, todo):
             x, y = (t.reshape(-1, t.shape[-1]) for t in acts[run.layer_index])
             y_hat, codes = run.layer(x.to(next(run.layer.parameters()).dtype))
             s["err"] += (y_hat.double() - y.double()).pow(2).sum().item()
             active = codes.values > 0
-            s["l0"] += active.sum().item()
             s["fired"] += torch.bincount(codes.indices[active].cpu(), minlength=run.layer.n_latents)
+            if ablations:
+                s["modulation"] = s["modulation"] + run.layer.modulation(codes).double().sum(0)
     mean_y = {layer: (sum_y[layer] / n_tokens) for layer in sites}
 
-    # pass 2: next-token loss of the model as is, spliced, zero- and mean-ablated
-    ce = {"base": 0.0} | {("run", i): 0.0 for i in range(len(runs))} | {(kind, layer): 0.0 for layer in sites for kind in ("zero", "mean")}
-    kl = [0.0] * len(runs)
-    ablations = {(kind, layer): _Constant(value.float().to(device)) for layer in sites
+    # the ablated MxDs: token-independent modulation, only the always-on experts, or all others
+    stand_ins = {}
+    for i, (run, s, ablations) in enumerate(zip(runs, stats, todo)):
+        always_on = s["fired"].to(device) > ALWAYS_ON_RATE * n_tokens
+        for name in ablations:
+            keep = {"always_on_only": always_on, "token_specific_only": ~always_on}.get(name)
+            mean = (s["modulation"] / n_tokens).float() if name == "mean_routing" else None
+            stand_ins[(name, i)] = _Ablated(run.layer, keep, mean)
+
+    # pass 2: next-token loss of the model as is, spliced, zero- and mean-ablated; ablations' reconstruction
+    constants = {(kind, layer): _Constant(value.float().to(device)) for layer in sites
                  for kind, value in (("zero", torch.zeros_like(mean_y[layer])), ("mean", mean_y[layer]))}
+    ce = {key: [] for key in ["base", *[("run", i) for i in range(len(runs))], *constants, *stand_ins]}
+    kl = [0.0] * len(runs)
+    ablation_err = {key: 0.0 for key in stand_ins}
     for ids in tqdm(batches, desc=f"eval: loss ({len(runs)} runs)", disable=not progress):
         ids = ids.to(device)
-        base = _next_token_logprobs(model, ids)
-        ce["base"] += _ce(base, ids).item()
+        captured = {}
+        with mlp_hooks(list(sites.values()), lambda site, x, y: captured.__setitem__(site.layer, (x, y))):
+            base = _next_token_logprobs(model, ids)
+        ce["base"].append(_sequence_ce(base, ids))
         for i, run in enumerate(runs):
             with splice(model, sites[run.layer_index], run.layer):
                 spliced = _next_token_logprobs(model, ids)
-            ce[("run", i)] += _ce(spliced, ids).item()
+            ce[("run", i)].append(_sequence_ce(spliced, ids))
             kl[i] += (base.exp() * (base - spliced)).sum().item()
-        for (kind, layer), stand_in in ablations.items():
+        for (kind, layer), stand_in in constants.items():
             with splice(model, sites[layer], stand_in):
-                ce[(kind, layer)] += _ce(_next_token_logprobs(model, ids), ids).item()
+                ce[(kind, layer)].append(_sequence_ce(_next_token_logprobs(model, ids), ids))
+        for (name, i), stand_in in stand_ins.items():
+            x, y = (t.reshape(-1, t.shape[-1]) for t in captured[runs[i].layer_index])
+            ablation_err[(name, i)] += (as_mlp(stand_in)(x).double() - y.double()).pow(2).sum().item()
+            with splice(model, sites[runs[i].layer_index], stand_in):
+                ce[(name, i)].append(_sequence_ce(_next_token_logprobs(model, ids), ids))
+    ce = {key: torch.cat(values).numpy() for key, values in ce.items()}
 
-    predicted = len(blocks) * (blocks.shape[1] - 1)  # tokens with a next token
+    per_seq = blocks.shape[1] - 1  # tokens with a next token, per sequence
+    predicted = len(blocks) * per_seq
     records = []
     for i, (run, s) in enumerate(zip(runs, stats)):
         layer = run.layer_index
-        ce_base, ce_spliced = ce["base"] / predicted, ce[("run", i)] / predicted
-        ce_zero, ce_mean = ce[("zero", layer)] / predicted, ce[("mean", layer)] / predicted
+        ce_base, ce_spliced = ce["base"].sum() / predicted, ce[("run", i)].sum() / predicted
+        ce_zero, ce_mean = ce[("zero", layer)].sum() / predicted, ce[("mean", layer)].sum() / predicted
         var = sq_y[layer] - mean_y[layer].pow(2).sum().item() * n_tokens
         records.append({
             "run": str(run.path), "model": run.model, "layer": layer, "method": run.config["sparse"]["kind"],
             "k": run.layer.config.k, "seed": run.config.get("seed"), "n_params": run.layer.param_count(),
             "n_latents": run.layer.n_latents, "train_tokens": run.config.get("train_tokens"),
             "eval_tokens": n_tokens, "eval_dtype": dtype, "eval_split": cfg.eval_split,
-            "nmse": s["err"] / sq_y[layer], "fvu": s["err"] / var, "l0": s["l0"] / n_tokens,
-            "dead": (s["fired"] == 0).double().mean().item(),
+            "nmse": s["err"] / sq_y[layer], "fvu": s["err"] / var,
+            **firing_metrics(s["fired"], n_tokens),
             "ce_base": ce_base, "ce_spliced": ce_spliced, "ce_zero": ce_zero, "ce_mean_ablation": ce_mean,
             "delta_ce": ce_spliced - ce_base,
             "ce_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_base) if ce_zero != ce_base else math.nan,
+            **_paired_ci(ce["base"], ce[("run", i)], ce[("zero", layer)], per_seq),
             "kl": kl[i] / predicted,
+            "ablations": {name: {"nmse": ablation_err[(name, j)] / sq_y[layer],
+                                 "delta_ce": ce[(name, j)].sum() / predicted - ce_base}
+                          for (name, j) in stand_ins if j == i},
             "expert_rank": _expert_rank(run, cfg.rank_sample), "firing": _firing(s["fired"], n_tokens),
             "eval_config": asdict(cfg), "config": run.config,
         })
+    _add_expert_shares(records)
     return records
 
 
-COLUMNS = ("method", "k", "n_params", "nmse", "fvu", "l0", "dead", "delta_ce", "ce_recovered", "kl")
+def _add_expert_shares(records: list[dict]) -> None:
+    """Per MxD record with ablations: what the experts add over a dense path without them.
+
+    The reference is a dense-only MxD (k = 0) evaluated with it at the same layer when there is one,
+    else the run's own mean-routing ablation. experts_share = (ref nmse − nmse) / ref nmse, the share
+    of the reference's error the experts remove; each ablation's `retained_nmse` / `retained_delta_ce`
+    = (ref − ablated) / (ref − full), the share of the reference → MxD improvement it keeps.
+    """
+    dense_only = {r["layer"]: r for r in records if r["method"] == "mxd" and r["n_latents"] == 0}
+    for r in records:
+        if not r["ablations"]:
+            continue
+        ref = dense_only.get(r["layer"])
+        ref_name = "dense_only_run" if ref else "mean_routing"
+        ref = ref or r["ablations"].get("mean_routing")
+        if ref is None:
+            continue
+        r["experts_share"] = (ref["nmse"] - r["nmse"]) / ref["nmse"] if ref["nmse"] else math.nan
+        r["experts_share_reference"] = ref_name if ref_name == "mean_routing" else ref.get("run")
+        for metric in ("nmse", "delta_ce"):
+            gain = ref[metric] - r[metric]
+            for a in r["ablations"].values():
+                a[f"retained_{metric}"] = (ref[metric] - a[metric]) / gain if gain else math.nan
+
+
+COLUMNS = ("method", "k", "n_params", "nmse", "fvu", "l0", "effective_l0", "dense", "dead", "delta_ce", "ce_recovered",
+           "kl")
 
 
 def markdown_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
@@ -255,8 +364,9 @@ def write_results(records: list[dict], out: Path | None) -> None:
         (out / "eval.md").write_text(markdown_table(records) + "\n")
 
 
-def evaluate_paths(paths: list[str], cfg: EvalConfig, out: str | None = None, progress: bool = True) -> list[dict]:
+def evaluate_paths(paths: list[str], cfg: EvalConfig, out: str | None = None, progress: bool = True,
+                   site: SiteOptions | None = None) -> list[dict]:
     """`mxd eval`: read the runs under `paths`, evaluate them together, write the results."""
-    records = evaluate_runs([read_run(p) for p in find_runs(paths)], cfg, progress=progress)
+    records = evaluate_runs([read_run(p, site=site) for p in find_runs(paths)], cfg, progress=progress)
     write_results(records, Path(out) if out else None)
     return records

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mxd.routing import FlatRouter, ProductKeyRouter, product_grid
-from mxd.sparse_ops import sparse_decode, topk_linear
+from mxd.sparse_ops import compute_dtype, sparse_decode, topk_linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
@@ -87,13 +87,16 @@ class MxDConfig(LayerConfig):
     """Sizes and options of an MxD layer.
 
     d_in, d_out: the MLP's input/output widths; d_hidden: H, the host MLP's hidden width;
-    n_experts: N; k: active experts per token; glu: GLU encoder (Llama-style SwiGLU when
+    n_experts: N (0, with k = 0 and a shared modulator: the dense-only reference, no experts);
+    k: active experts per token; activation: φ; glu: GLU encoder (Llama-style SwiGLU when
     activation="silu"); bias: encoder and output biases (the router always has one);
     unit_norm_modulators: keep each c_n at unit norm (the paper's option);
     decoder_init_std: std of D's normal init (0 gives the paper's zero init); router: "flat"
     (W_r x over all N experts) or "product_key" (two sub-routers over ≈√N sub-keys each, see
     mxd.routing); router_candidates: rows/columns a product-key router keeps (0: K, exact; fewer is
-    cheaper and approximate).
+    cheaper and approximate); shared_modulator: a learned modulator c0 (initialised to ones) that
+    every token uses besides its experts, so the modulation is c0 + C a; balance_rate: step by
+    which a flat router's selection bias evens out how often experts are chosen (0: off)
     """
 
     d_in: int
@@ -108,9 +111,16 @@ class MxDConfig(LayerConfig):
     decoder_init_std: float = 0.01
     router: str = "flat"
     router_candidates: int = 0
+    shared_modulator: bool = False
+    balance_rate: float = 0.0
 
     def __post_init__(self):
-        _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden, n_experts=self.n_experts, k=self.k)
+        _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden)
+        if self.n_experts == 0 and self.k == 0:
+            if not self.shared_modulator:
+                raise ValueError("n_experts=0, k=0 (the dense-only reference) needs shared_modulator=True")
+        else:
+            _check_positive(n_experts=self.n_experts, k=self.k)
         if self.k > self.n_experts:
             raise ValueError(f"k={self.k} is invalid: must be between 1 and n_experts={self.n_experts}")
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
@@ -119,16 +129,22 @@ class MxDConfig(LayerConfig):
             raise ValueError(f"decoder_init_std={self.decoder_init_std} is invalid: must be >= 0")
         if self.router_candidates < 0:
             raise ValueError(f"router_candidates={self.router_candidates} is invalid: must be >= 0 (0 means k)")
-        if self.router == "product_key":
+        if not self.balance_rate >= 0:
+            raise ValueError(f"balance_rate={self.balance_rate} is invalid: must be >= 0 (0: off)")
+        if self.balance_rate and self.router != "flat":
+            raise ValueError(f"balance_rate={self.balance_rate} is invalid with router={self.router!r}: "
+                             "selection-bias balancing is implemented for the flat router only (use 0)")
+        if self.router == "product_key" and self.n_experts:
             product_grid(self.n_experts)  # raises for an N without a near-square factorisation
 
     def param_count(self) -> int:
-        """Parameters of the layer: base (encoder, decoder, biases) + N d_out (modulators) + the router's."""
+        """Parameters: base (encoder, decoder, biases, c0) + N d_out (modulators) + the router's."""
         if self.router == "flat":
             router = self.n_experts * (self.d_in + 1)
         else:
-            router = sum(product_grid(self.n_experts)) * (self.d_in + 1)
-        return mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias) + self.n_experts * self.d_out + router
+            router = sum(product_grid(self.n_experts)) * (self.d_in + 1) if self.n_experts else 0
+        base = mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias)
+        return base + self.d_out * self.shared_modulator + self.n_experts * self.d_out + router
 
 
 @dataclass
@@ -137,7 +153,8 @@ class TranscoderConfig(LayerConfig):
 
     width: M latents; k: active latents per token (sparsity="topk"); sparsity: "topk" or "l1"
     (ReLU latents, sparsity by an L1 penalty during training, k unused); unit_norm_decoder: keep
-    each decoder row at unit norm.
+    each decoder row at unit norm; decoder_init: "zero" (the standard transcoder init of
+    EleutherAI's sparsify) or "uniform" (nn.Linear's U(±1/√M))
     """
 
     d_in: int
@@ -146,12 +163,17 @@ class TranscoderConfig(LayerConfig):
     k: int
     sparsity: str = "topk"
     unit_norm_decoder: bool = False
+    decoder_init: str = "zero"
 
     def __post_init__(self):
         _check_positive(d_in=self.d_in, d_out=self.d_out, width=self.width, k=self.k)
         if self.k > self.width:
             raise ValueError(f"k={self.k} is invalid: must be between 1 and width={self.width}")
         _check_choice("sparsity", self.sparsity, SPARSITIES)
+        _check_choice("decoder_init", self.decoder_init, ("zero", "uniform"))
+        if self.decoder_init == "zero" and self.unit_norm_decoder:
+            raise ValueError("decoder_init='zero' is invalid with unit_norm_decoder: zero rows have no direction; "
+                             "use decoder_init='uniform'")
 
     def param_count(self, skip: bool = False) -> int:
         """M (d_in + d_out) + M + d_out, plus d_in · d_out for the skip connection."""
@@ -164,14 +186,16 @@ def mxd_base_params(d_in: int, d_out: int, d_hidden: int, glu: bool, bias: bool 
     return d_hidden * d_in * n_enc + d_hidden * d_out + (d_hidden * n_enc + d_out if bias else 0)
 
 
-def match_n_experts(d_in: int, d_out: int, d_hidden: int, transcoder_width: int, glu: bool, bias: bool = True) -> int:
-    """The expert count N giving an MxD as many parameters as a TopK transcoder of width M.
+def match_n_experts(d_in: int, d_out: int, d_hidden: int, transcoder_width: int, glu: bool, bias: bool = True,
+                    extra: int = 0) -> int:
+    """The expert count N giving an MxD (with `extra` parameters besides its base, e.g. c0) as many
+    parameters as a TopK transcoder of width M.
 
     GPT-2 (768, 768, H=3072, M=32·768, MLP form) gives 21,504.
     """
     _check_positive(d_in=d_in, d_out=d_out, d_hidden=d_hidden, transcoder_width=transcoder_width)
     target = TranscoderConfig(d_in, d_out, transcoder_width, 1).param_count()
-    n = round((target - mxd_base_params(d_in, d_out, d_hidden, glu, bias)) / (d_in + d_out + 1))
+    n = round((target - mxd_base_params(d_in, d_out, d_hidden, glu, bias) - extra) / (d_in + d_out + 1))
     if n < 1:
         raise ValueError(
             f"transcoder_width={transcoder_width} is too small: an MxD with d_hidden={d_hidden} has more "
@@ -180,12 +204,23 @@ def match_n_experts(d_in: int, d_out: int, d_hidden: int, transcoder_width: int,
     return n
 
 
+def match_skip_width(d_in: int, d_out: int, transcoder_width: int) -> int:
+    """The width of a skip transcoder with as many parameters as a TopK transcoder of width M (its
+    d_in × d_out skip matrix is paid for with latents)."""
+    width = round((TranscoderConfig(d_in, d_out, transcoder_width, 1).param_count()
+                   - d_in * d_out - d_out) / (d_in + d_out + 1))
+    if width < 1:
+        raise ValueError(f"transcoder_width={transcoder_width} is too small to pay for a {d_in} x {d_out} skip matrix")
+    return width
+
+
 class SparseLayer(nn.Module):
     """Interface shared by all sparse layers.
 
     encode(x) -> SparseCodes; decode(codes, x) -> y_hat; forward(x) -> (y_hat, codes).
     `unit_norm_weight` names the parameter whose rows are kept at unit norm (or None); the trainer
-    calls `project_gradients_()` before and `normalize_weights_()` after each optimiser step.
+    calls `init_from_means_` before the first step, `project_gradients_()` before and
+    `normalize_weights_()` and `balance_` after each optimiser step.
     """
 
     config_class: ClassVar[type[LayerConfig]]
@@ -211,6 +246,14 @@ class SparseLayer(nn.Module):
     @property
     def unit_norm_weight(self) -> nn.Parameter | None:
         return None
+
+    def init_from_means_(self, mean_x: Tensor, mean_y: Tensor) -> None:
+        """Set biases from the mean input [d_in] and mean target [d_out] of the first batch (the
+        trainer's data init); layers without such an init keep their parameters."""
+
+    def balance_(self, counts: Tensor) -> None:
+        """After an optimiser step: how often each latent was chosen in it, [n_latents] (the trainer
+        calls this; layers that do not balance ignore it)."""
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
@@ -255,15 +298,18 @@ class MxD(SparseLayer):
         self.encoder = nn.Linear(c.d_in, c.d_hidden, bias=c.bias)  # E, b_e (inside φ: Llama's gate_proj)
         self.up = nn.Linear(c.d_in, c.d_hidden, bias=c.bias) if c.glu else None  # G, b_g (Llama's up_proj)
         self.decoder = nn.Linear(c.d_hidden, c.d_out, bias=False)  # weight = Dᵀ [d_out, H]
-        if c.router == "flat":
-            self.router = FlatRouter(c.d_in, c.n_experts)  # W_r, b_r
-        else:
+        self.router = None
+        if c.n_experts and c.router == "flat":
+            self.router = FlatRouter(c.d_in, c.n_experts, balanced=c.balance_rate > 0)  # W_r, b_r
+        elif c.n_experts:
             self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates)
-        self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out))  # C transposed: row n is c_n
+        self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out)) if c.n_experts else None  # Cᵀ: row n is c_n
+        self.shared = nn.Parameter(torch.ones(c.d_out)) if c.shared_modulator else None  # c0
         self.bias = nn.Parameter(torch.zeros(c.d_out)) if c.bias else None  # b
         with torch.no_grad():
             nn.init.normal_(self.decoder.weight, std=c.decoder_init_std)
-            nn.init.uniform_(self.modulators, -1.0, 1.0)
+            if self.modulators is not None:
+                nn.init.uniform_(self.modulators, -1.0, 1.0)
         if c.unit_norm_modulators:
             self.normalize_weights_()
 
@@ -273,20 +319,54 @@ class MxD(SparseLayer):
 
     @property
     def unit_norm_weight(self) -> nn.Parameter | None:
-        return self.modulators if self.config.unit_norm_modulators else None
+        return self.modulators if self.config.unit_norm_modulators and self.modulators is not None else None
 
     def hidden(self, x: Tensor) -> Tensor:
         """z = φ(E x + b_e) (⊙ (G x + b_g)).  [B, d_in] -> [B, H]."""
         z = self.act(self.encoder(x))
         return z * self.up(x) if self.up is not None else z
 
+    def dense(self, x: Tensor) -> Tensor:
+        """The shared decoder's output Dᵀ z, which the experts modulate.  [B, d_in] -> [B, d_out]."""
+        return self.decoder(self.hidden(x))
+
     def encode(self, x: Tensor) -> SparseCodes:
+        if self.router is None:  # the dense-only reference: no codes
+            empty = x.new_empty(len(x), 0, dtype=compute_dtype(x, self.encoder.weight))
+            return SparseCodes(empty.long(), empty)
         values, indices = self.router.topk(x, self.config.k)
         return SparseCodes(indices, values)
 
+    def modulation(self, codes: SparseCodes) -> Tensor:
+        """c0 + C a (or C a without a shared modulator).  -> [B, d_out]."""
+        m = sparse_decode(codes.indices, codes.values, self.modulators) if self.router is not None else None
+        if self.shared is None:
+            return m
+        return self.shared.expand(len(codes.values), -1) if m is None else m + self.shared
+
     def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
-        y = self.decoder(self.hidden(x)) * sparse_decode(codes.indices, codes.values, self.modulators)
+        y = self.dense(x) * self.modulation(codes)
         return y + self.bias if self.bias is not None else y
+
+    def ablated(self, x: Tensor, keep: Tensor | None = None, modulation: Tensor | None = None) -> Tensor:
+        """y_hat with only the experts in `keep` ([N] bool) used, or with the modulation c0 + C a
+        replaced by the fixed vector `modulation` [d_out].  [B, d_in] -> [B, d_out]."""
+        if modulation is not None:
+            m = modulation.to(x.dtype).expand(len(x), -1)
+        else:
+            codes = self.encode(x)
+            m = self.modulation(SparseCodes(codes.indices, codes.values * keep[codes.indices]))
+        y = self.dense(x) * m
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def init_from_means_(self, mean_x: Tensor, mean_y: Tensor) -> None:
+        if self.bias is not None:
+            self.bias.copy_(mean_y)
+
+    def balance_(self, counts: Tensor) -> None:
+        if self.config.balance_rate:
+            self.router.balance_(counts, self.config.balance_rate)
 
     def expert_weights(self, experts: Tensor) -> Tensor:
         """W_n = D diag(c_n) for the given expert indices.  [n] -> [n, H, d_out]."""
@@ -312,7 +392,10 @@ class Transcoder(SparseLayer):
         self.decoder = nn.Parameter(torch.empty(config.width, config.d_out))  # W_dᵀ: row m is latent m's direction
         self.bias = nn.Parameter(torch.zeros(config.d_out))  # b
         with torch.no_grad():
-            _uniform_linear_init_(self.decoder, config.width)
+            if config.decoder_init == "uniform":
+                _uniform_linear_init_(self.decoder, config.width)
+            else:
+                self.decoder.zero_()
         if config.unit_norm_decoder:
             self.normalize_weights_()
 
@@ -335,6 +418,12 @@ class Transcoder(SparseLayer):
 
     def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
         return sparse_decode(codes.indices, codes.values, self.decoder) + self.bias
+
+    @torch.no_grad()
+    def init_from_means_(self, mean_x: Tensor, mean_y: Tensor) -> None:
+        """b = mean y and b_e = −W_e mean x: the latents' pre-activations start centred."""
+        self.bias.copy_(mean_y)
+        self.encoder.bias.copy_(-self.encoder.weight @ mean_x)
 
     def l1_penalty(self, codes: SparseCodes) -> Tensor:
         """Mean over tokens of Σ_m f_m ‖W_d[m]‖ (the decoder-norm-weighted L1 of ReLU transcoders)."""

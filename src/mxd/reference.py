@@ -26,8 +26,18 @@ def _dense_topk(logits: Tensor, k: int) -> Tensor:
 def dense_forward(layer: SparseLayer, x: Tensor) -> Tensor:
     """The layer's output computed densely from its own parameters.  [B, d_in] -> [B, d_out]."""
     if isinstance(layer, MxD):
-        a = _dense_topk(layer.router.logits(x), layer.config.k)  # [B, N]
-        y = layer.decoder(layer.hidden(x)) * (a @ layer.modulators)
+        if layer.router is None:
+            m = torch.zeros(len(x), layer.config.d_out, dtype=x.dtype, device=x.device)
+        elif layer.config.balance_rate:  # chosen by logits + β, weighted by the logits
+            logits = layer.router.logits(x)
+            chosen = (logits + layer.router.selection_bias).topk(layer.config.k, dim=-1).indices
+            a = torch.zeros_like(logits).scatter(-1, chosen, logits.gather(-1, chosen).relu())
+            m = a @ layer.modulators
+        else:
+            m = _dense_topk(layer.router.logits(x), layer.config.k) @ layer.modulators  # [B, N] @ [N, d_out]
+        if layer.shared is not None:
+            m = m + layer.shared
+        y = layer.decoder(layer.hidden(x)) * m
         return y + layer.bias if layer.bias is not None else y
     if isinstance(layer, Transcoder):
         if layer.config.sparsity == "topk":

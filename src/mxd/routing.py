@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from mxd.sparse_ops import topk_linear
 
 
 class FlatRouter(nn.Linear):
-    """logits = W_r x + b_r over all N experts (weight [N, d_in]); top-K through the fused kernel."""
+    """logits = W_r x + b_r over all N experts (weight [N, d_in]); top-K through the fused kernel.
+
+    balanced: keep a selection bias β [N] (a buffer, no gradient) that is added to the logits when
+    the K experts are chosen but not to their coefficients; `balance_` moves it so that every expert
+    is chosen about equally often (loss-free load balancing, as in DeepSeek-V3).
+    """
+
+    def __init__(self, d_in: int, n_experts: int, balanced: bool = False):
+        super().__init__(d_in, n_experts)
+        self.register_buffer("selection_bias", torch.zeros(n_experts) if balanced else None)
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """TopK_K(ReLU(logits)): values [B, K], indices [B, K]."""
-        return topk_linear(x, self.weight, self.bias, k)
+        """TopK_K(ReLU(logits)), chosen by logits + β when balanced: values [B, K], indices [B, K]."""
+        return topk_linear(x, self.weight, self.bias, k, self.selection_bias)
+
+    @torch.no_grad()
+    def balance_(self, counts: Tensor, rate: float) -> None:
+        """β_n += rate · sign(mean load − load_n), from `counts` [N], how often each expert was chosen."""
+        self.selection_bias.add_(torch.sign(counts.float().mean() - counts.float()), alpha=rate)
 
     def logits(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """logits of the given experts (default all): [B, d_in] -> [B, n]."""

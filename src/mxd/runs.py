@@ -19,7 +19,9 @@ import torch
 
 from mxd.activations import DTYPES, MANIFEST
 from mxd.data import DataConfig
-from mxd.layers import SparseLayer, load
+from mxd.exchange import (SPARSIFY_CONFIG, SPARSIFY_WEIGHTS, is_sparsify, layer_from_hookpoint, read_sparsify,
+                          sparsify_hookpoint_folder)
+from mxd.layers import SkipTranscoder, SparseLayer, load
 from mxd.models import load_model
 
 RUN_CONFIG = "config.json"
@@ -67,16 +69,62 @@ def _resolve(cache: str, run: Path) -> Path:
     return run / path if (run / path / MANIFEST).is_file() else path
 
 
-def read_run(path: str | Path, device: str = "cpu") -> RunInfo:
+@dataclass
+class SiteOptions:
+    """Where a coder saved by another library belongs (a sparsify folder names none of it; mxd runs
+    ignore these options).
+
+    model: the model it was trained on (embedded name, local folder or Hub id); layer: the
+    transformer layer whose MLP it replaces (None: read from a hookpoint folder name such as
+    layers.15.mlp); module_path: override of the MLP module; model_dtype: fp32 or bf16, the dtype the
+    model runs in
+    """
+
+    model: str | None = None
+    layer: int | None = None
+    module_path: str | None = None
+    model_dtype: str = "bf16"
+
+    def __post_init__(self):
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a run folder of mxd (config.json) or a coder saved by sparsify."""
+    return (path / RUN_CONFIG).is_file() or is_sparsify(path)
+
+
+def _read_sparsify_run(path: Path, site: SiteOptions | None, device: str) -> RunInfo:
+    folder = sparsify_hookpoint_folder(path)
+    site = site or SiteOptions()
+    layer_index = site.layer if site.layer is not None else layer_from_hookpoint(folder.name)
+    if site.model is None:
+        raise ValueError(f"{folder} is a sparsify coder, which does not name its model: give --model (e.g. smollm2-135m)")
+    if layer_index is None:
+        raise ValueError(f"{folder} is a sparsify coder whose hookpoint {folder.name!r} names no layer: give --layer")
+    layer = read_sparsify(folder, device=device).eval().requires_grad_(False)
+    kind = "skip_transcoder" if isinstance(layer, SkipTranscoder) else "transcoder"
+    config = {"format": "sparsify", "sparse": {"kind": f"sparsify_{kind}", "k": layer.config.k},
+              "hookpoint": folder.name, "seed": None, "train_tokens": None}
+    return RunInfo(path=folder, layer=layer, model=site.model, layer_index=layer_index, module_path=site.module_path,
+                   model_dtype=site.model_dtype, data=DataConfig(), cache=None, val_cache=None, config=config)
+
+
+def read_run(path: str | Path, device: str = "cpu", site: SiteOptions | None = None) -> RunInfo:
     """The `RunInfo` of run folder `path`; ValueError when it is not a finished run or its cache is gone.
 
     A run trained on a cache takes its model, site and text source from the cache's manifest; a run
-    that streamed its activations (config `model` set) from its own config.
+    that streamed its activations (config `model` set) from its own config; a coder saved by
+    sparsify from `site` (its layer also from its hookpoint name).
     """
     run = Path(path).expanduser()
     config_path, final = run / RUN_CONFIG, run / FINAL
+    if not config_path.is_file() and run.is_dir() and (is_sparsify(run) or any(is_sparsify(p) for p in run.iterdir())):
+        return _read_sparsify_run(run, site, device)
     if not config_path.is_file() or not final.is_dir():
-        raise ValueError(f"{str(path)!r} is not a training run: it needs {RUN_CONFIG} and {FINAL}/ (written by mxd train)")
+        raise ValueError(f"{str(path)!r} is not a training run: it needs {RUN_CONFIG} and {FINAL}/ (written by mxd train), "
+                         f"or {SPARSIFY_CONFIG} and {SPARSIFY_WEIGHTS} (written by sparsify)")
     try:
         config = json.loads(config_path.read_text())
         layers = [config["layer"]] if config.get("layer") is not None else config.get("layers")

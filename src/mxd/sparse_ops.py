@@ -154,11 +154,17 @@ def scatter_outer(pairs: SortedPairs, coeffs: Tensor, vectors: Tensor) -> Tensor
 
 
 class TopKLinear(torch.autograd.Function):
-    """(values, indices) = TopK_K(ReLU(x Wᵀ + b)); gradients only through the K selected rows."""
+    """(values, indices) = TopK_K(ReLU(x Wᵀ + b)); gradients only through the K selected rows.
+
+    With a `selection_bias` β [N], the K rows are chosen by x Wᵀ + b + β while the values stay
+    ReLU(x Wᵀ + b) (β steers which rows are used, never how much; it gets no gradient).
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, selection_bias: Tensor | None = None):
         dtype = compute_dtype(x, weight)
+        if selection_bias is not None:
+            bias = selection_bias if bias is None else bias + selection_bias
         x_c, w_c, b_c = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
         values = x_c.new_empty(len(x), k)
         indices = torch.empty(len(x), k, dtype=torch.int64, device=x.device)
@@ -173,6 +179,8 @@ class TopKLinear(torch.autograd.Function):
             else:
                 torch.addmm(b_c, rows, w_c.T, out=logits)
             values[block], indices[block] = row_topk(logits, k)
+        if selection_bias is not None:
+            values.sub_(selection_bias.to(dtype)[indices])
         values.relu_()
         ctx.save_for_backward(x, weight, indices, values)
         ctx.has_bias = bias is not None
@@ -192,7 +200,7 @@ class TopKLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_logits.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad_logits.reshape(-1))
             grad_bias = grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -222,9 +230,13 @@ class SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_table
 
 
-def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-    """TopK_K(ReLU(x Wᵀ + b)).  x [B, d_in], weight [N, d_in], bias [N] -> values [B, K], indices [B, K]."""
-    return TopKLinear.apply(x, weight, bias, k)
+def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                selection_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """TopK_K(ReLU(x Wᵀ + b)), the K chosen by x Wᵀ + b + selection_bias when given.
+
+    x [B, d_in], weight [N, d_in], bias [N], selection_bias [N] -> values [B, K], indices [B, K].
+    """
+    return TopKLinear.apply(x, weight, bias, k, selection_bias)
 
 
 def sparse_decode(indices: Tensor, values: Tensor, table: Tensor) -> Tensor:

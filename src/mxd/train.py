@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from itertools import count, islice
 from pathlib import Path
@@ -33,13 +34,15 @@ from tqdm.auto import tqdm
 from mxd.checks import check_at_least
 from mxd.activations import DTYPES, ActivationCache, rank_and_world, site_dims, stream_activations
 from mxd.data import DataConfig
-from mxd.layers import MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load, match_n_experts
+from mxd.layers import (MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load,
+                        match_n_experts, match_skip_width)
+from mxd.metrics import firing_metrics
 from mxd.models import find_mlp, host_mlp, load_model
+from mxd.optim import OptimConfig, default_lr, make_optimizer
 from mxd.sparse_ops import sparse_decode
 from mxd.tracking import MetricsLogger, check_trackers
 
 KINDS = ("mxd", "transcoder", "skip_transcoder")
-DECAYS = ("constant", "linear", "cosine")
 LOSSES = ("nmse", "token_nmse")
 PLACEMENTS = ("replicate", "spread")
 
@@ -48,14 +51,17 @@ PLACEMENTS = ("replicate", "spread")
 class LayerSpec:
     """Which sparse layer to train; sizes not given come from the cache's host MLP.
 
-    kind: mxd, transcoder or skip_transcoder; k: active experts/latents per token;
-    expansion: parameter budget, a transcoder of width expansion x d_in (MxD's expert count is
+    kind: mxd, transcoder or skip_transcoder; k: active experts/latents per token (mxd with k = 0:
+    the dense-only reference, y = (Dᵀz) ⊙ c0 + b, no experts); expansion: parameter budget, a
+    transcoder of width expansion x d_in (MxD's expert count and a skip transcoder's width are
     matched to it); n_experts: MxD expert count, overriding the match; sparsity: topk, or l1 for a
     ReLU transcoder; l1_coef: weight of the L1 penalty (sparsity=l1); unit_norm: keep MxD modulators
     (or transcoder decoder rows) at unit norm; decoder_init_std: std of MxD's shared decoder init;
     router: MxD's router, flat or product_key (the matched expert count is then rounded to a
     square); router_candidates: rows and columns a product-key router keeps (0: K, exact; fewer is
-    cheaper and approximate)
+    cheaper and approximate); shared_modulator: MxD's learned modulator c0 that every token uses
+    besides its K experts; balance_rate: per-step move of the flat MxD router's selection bias that
+    evens out expert load (0: off); decoder_init: transcoder decoder init, zero or uniform
     """
 
     kind: str = "mxd"
@@ -68,61 +74,39 @@ class LayerSpec:
     decoder_init_std: float = 0.01
     router: str = "flat"
     router_candidates: int = 0
+    shared_modulator: bool = False
+    balance_rate: float = 0.0
+    decoder_init: str = "zero"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is invalid: valid values are {', '.join(KINDS)}")
         check_at_least(self, 1, "expansion")
+        if self.k < (self.kind != "mxd"):
+            raise ValueError(f"k={self.k} is invalid for kind={self.kind!r}: must be >= {int(self.kind != 'mxd')}"
+                             + (" (k = 0 is the dense-only MxD reference)" if self.kind == "mxd" else ""))
 
     def build(self, d_in: int, d_out: int, host: dict) -> SparseLayer:
         """The layer, sized for an MLP d_in -> d_out whose form is `host` (see models.host_mlp)."""
         width = self.expansion * d_in
         if self.kind == "mxd":
-            glu = host["glu"]
-            n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu)
+            glu, shared = host["glu"], self.shared_modulator or self.k == 0
+            if self.k == 0:
+                n = 0
+            else:
+                n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu, extra=d_out * shared)
             if self.router == "product_key" and not self.n_experts:
                 n = round(math.sqrt(n)) ** 2
             return MxD(MxDConfig(d_in, d_out, host["d_hidden"], n, self.k, activation=host["activation"], glu=glu,
                                  unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std,
-                                 router=self.router, router_candidates=self.router_candidates))
-        cls = SkipTranscoder if self.kind == "skip_transcoder" else Transcoder
-        return cls(TranscoderConfig(d_in, d_out, width, self.k, sparsity=self.sparsity, unit_norm_decoder=self.unit_norm))
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and learning-rate schedule.
-
-    optimizer: adam or adamw; lr: peak learning rate; beta1, beta2: Adam betas; weight_decay: AdamW's;
-    grad_clip: max gradient norm (0: off); warmup_steps: linear warm-up from 0; decay: constant,
-    linear or cosine after warm-up, down to min_lr_ratio x lr at the last step
-    """
-
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    warmup_steps: int = 100
-    decay: str = "linear"
-    min_lr_ratio: float = 0.0
-
-    def __post_init__(self):
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer={self.optimizer!r} is invalid: valid values are 'adam', 'adamw'")
-        if self.decay not in DECAYS:
-            raise ValueError(f"decay={self.decay!r} is invalid: valid values are {', '.join(DECAYS)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} is invalid: must be > 0")
-
-    def lr_factor(self, step: int, total: int) -> float:
-        """Multiplier of lr at optimiser step `step` (0-based) of `total`."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
-        shape = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[self.decay]
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+                                 router=self.router, router_candidates=self.router_candidates,
+                                 shared_modulator=shared, balance_rate=self.balance_rate))
+        if self.kind == "skip_transcoder":
+            config = TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), self.k, sparsity=self.sparsity,
+                                      unit_norm_decoder=self.unit_norm, decoder_init=self.decoder_init)
+            return SkipTranscoder(config)
+        return Transcoder(TranscoderConfig(d_in, d_out, width, self.k, sparsity=self.sparsity,
+                                           unit_norm_decoder=self.unit_norm, decoder_init=self.decoder_init))
 
 
 @dataclass
@@ -145,9 +129,11 @@ class TrainConfig:
     eval_every: steps between validations; val_tokens: held-out tokens per validation (streamed
     from the validation split when there is no val_cache and the source is a model);
     checkpoint_every: steps between checkpoints; keep_last: checkpoints kept besides the best;
-    dead_window: tokens without firing after which a latent counts as dead; aux_k: latents in the
-    dead-latent auxiliary loss (0: off); aux_coef: its weight; balance_coef: weight of the
-    load-balancing loss (0: off); log_every: steps between metrics records; log_to: trackers fed
+    dead_window: tokens without firing after which a latent counts as dead; aux_k: dead latents in
+    the AuxK auxiliary loss that teaches them the residual (None: d_out // 2, as in the TopK SAE
+    paper; 0: off); aux_coef: its weight; balance_coef: weight of the Switch load-balancing loss
+    (0: off); data_init: before the first step, set the layer's biases from the first batch's means
+    (transcoders: b = mean y, b_e = −W_e mean x; MxD: b = mean y); log_every: steps between metrics records; log_to: trackers fed
     besides metrics.jsonl: tensorboard, wandb; resume: continue the run(s) in out from the newest
     checkpoint
     """
@@ -172,10 +158,11 @@ class TrainConfig:
     val_tokens: int = 40_960
     checkpoint_every: int = 500
     keep_last: int = 2
-    dead_window: int = 1_000_000
-    aux_k: int = 0
+    dead_window: int = 100_000
+    aux_k: int | None = None
     aux_coef: float = 1 / 32
     balance_coef: float = 0.0
+    data_init: bool = True
     log_every: int = 10
     log_to: list[str] = field(default_factory=list)
     resume: bool = False
@@ -202,11 +189,17 @@ class TrainConfig:
             raise ValueError(f"placement={self.placement!r} is invalid: valid values are {', '.join(PLACEMENTS)}")
         for name in ("layers", "ks"):
             values = getattr(self, name)
-            if values is not None and (not values or len(set(values)) != len(values) or min(values) < (name == "ks")):
-                raise ValueError(f"{name}={values} is invalid: give distinct values >= {int(name == 'ks')}")
+            least = int(name == "ks" and self.sparse.kind != "mxd")  # k = 0: the dense-only MxD reference
+            if values is not None and (not values or len(set(values)) != len(values) or min(values) < least):
+                raise ValueError(f"{name}={values} is invalid: give distinct values >= {least}")
         check_trackers(self.log_to)
         check_at_least(self, 1, "batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window",
                        "buffer_tokens")
+        if self.aux_k is not None and self.aux_k < 0:
+            raise ValueError(f"aux_k={self.aux_k} is invalid: must be >= 0 (0: off) or None (d_out // 2)")
+        for name in ("aux_coef", "balance_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 0")
         if self.train_tokens < self.batch_tokens:
             raise ValueError(f"train_tokens={self.train_tokens} is too small for one step of batch_tokens={self.batch_tokens}")
 
@@ -315,10 +308,12 @@ class Trainer:
         self._prepare_out()
         torch.manual_seed(config.seed)
         self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
-        opt_cls = torch.optim.AdamW if config.optim.optimizer == "adamw" else torch.optim.Adam
-        self.opt = opt_cls(self.layer.parameters(), lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
-                           weight_decay=config.optim.weight_decay, fused=True)  # one kernel for all parameters
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: config.optim.lr_factor(s, config.steps))
+        self.lr = config.optim.lr or default_lr(config.optim.optimizer, config.sparse.kind, self.layer.n_latents)
+        self.aux_k = d_out // 2 if config.aux_k is None else config.aux_k
+        self.opt = make_optimizer(config.optim, self.layer.parameters(), self.lr)
+        self.schedule_free = hasattr(self.opt, "eval")  # its parameters hold the training point; eval() swaps in the average
+        self.sched = torch.optim.lr_scheduler.LambdaLR(getattr(self.opt, "base", self.opt),
+                                                       lambda s: config.optim.lr_factor(s, config.steps))
         self.step = 0
         self.best_val = math.inf
         self.last_fired = torch.zeros(self.layer.n_latents, dtype=torch.long, device=self.device)  # tokens seen at last firing
@@ -502,21 +497,26 @@ class Trainer:
         tokens_seen = (self.step + 1) * cfg.batch_tokens
         dead = (tokens_seen - self.last_fired) > cfg.dead_window  # [N], the same on every rank
         sq, n = self._all_sum(torch.stack([y.pow(2).sum(), torch.tensor(float(len(y)), device=self.device)]))
+        if self.step == 0 and cfg.data_init:
+            self.layer.init_from_means_(self._all_sum(x.sum(0)) / n, self._all_sum(y.sum(0)) / n)
         with self._autocast():
             y_hat, codes = self.layer(x)
             loss = reconstruction_loss(y_hat, y, cfg.loss, sq if cfg.loss == "nmse" else n)
             total = loss
             if cfg.sparse.sparsity == "l1" and cfg.sparse.kind != "mxd":
                 total = total + cfg.sparse.l1_coef * self.layer.l1_penalty(codes) * len(y) / n
-            if cfg.aux_k and dead.any():
-                total = total + cfg.aux_coef * _aux_dead_loss(self.layer, x, y - y_hat.float(), dead, cfg.aux_k, self._all_sum)
+            if self.aux_k and dead.any():
+                total = total + cfg.aux_coef * _aux_dead_loss(self.layer, x, y - y_hat.float(), dead, self.aux_k, self._all_sum)
             if cfg.balance_coef:
                 total = total + cfg.balance_coef * _balance_loss(codes, self.layer.n_latents, self._all_sum)
         active = codes.values > 0
-        fired = torch.zeros(self.layer.n_latents, device=self.device).index_fill_(0, codes.indices[active], 1.0)
+        n_latents = self.layer.n_latents
+        fired = torch.zeros(n_latents, device=self.device).index_fill_(0, codes.indices[active], 1.0)
+        chosen = torch.bincount(codes.indices.flatten(), minlength=n_latents).float()  # slots per latent
         err = (y_hat.float() - y).pow(2).sum()
-        summed = self._all_sum(torch.cat([torch.stack([loss, total, err, active.sum().float()]).float(), fired]))
+        summed = self._all_sum(torch.cat([torch.stack([loss, total, err, active.sum().float()]).float(), fired, chosen]))
         loss_all, total_all, err_all, active_all = summed[:4].tolist()
+        fired, chosen = summed[4 : 4 + n_latents], summed[4 + n_latents :]
         if not math.isfinite(total_all):
             raise TrainingDiverged(f"the loss became {total_all} at step {self.step}; the last good checkpoint is kept")
         self.opt.zero_grad(set_to_none=True)
@@ -529,15 +529,32 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.layer.normalize_weights_()
-        self.last_fired[summed[4:] > 0] = tokens_seen
+        self.layer.balance_(chosen)
+        self.last_fired[fired > 0] = tokens_seen
         return {"loss": loss_all, "nmse": err_all / max(sq.item(), 1e-12), "l0": active_all / n.item(),
-                "dead": dead.float().mean().item()}
+                "dead": dead.float().mean().item() if tokens_seen > cfg.dead_window else None}
+
+    @contextmanager
+    def _averaged(self):
+        """A schedule-free optimiser's averaged parameters in place of the training point, for evaluation and saving."""
+        if self.schedule_free:
+            self.opt.eval()
+        try:
+            yield
+        finally:
+            if self.schedule_free:
+                self.opt.train()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation nmse, fvu, l0 and dead (share of latents that never fired) over val_tokens tokens."""
+        """Validation nmse, fvu, l0 and dead (share of latents that never fired) over val_tokens tokens,
+        of the averaged parameters when the optimiser is schedule-free."""
+        with self._averaged():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         d_out = self.layer.config.d_out
-        sums = torch.zeros(3 + d_out + self.layer.n_latents, dtype=torch.float64, device=self.device)  # err, Σy², l0, Σy, fired
+        sums = torch.zeros(2 + d_out + self.layer.n_latents, dtype=torch.float64, device=self.device)  # err, Σy², Σy, fired
         n = 0
         for x, y in self._val_iter():
             n += len(y)
@@ -548,16 +565,16 @@ class Trainer:
                 y = y.to(self.device, torch.float64)
                 sums[0] += (y_hat.double() - y).pow(2).sum()
                 sums[1] += y.pow(2).sum()
-                sums[2] += (codes.values > 0).sum()
-                sums[3 : 3 + d_out] += y.sum(0)
-                sums[3 + d_out :][codes.indices[codes.values > 0]] = 1
+                sums[2 : 2 + d_out] += y.sum(0)
+                sums[2 + d_out :].index_add_(0, codes.indices[codes.values > 0], torch.ones((), dtype=torch.float64,
+                                             device=self.device).expand(int((codes.values > 0).sum())))
             if n >= self.cfg.val_tokens:
                 break
         sums = self._all_sum(sums)
-        err, sq, l0 = sums[:3].tolist()
-        var = sq - sums[3 : 3 + d_out].pow(2).sum().item() / n
-        return {"val_nmse": err / sq, "val_fvu": err / var, "val_l0": l0 / n,
-                "val_dead": 1 - (sums[3 + d_out :] > 0).double().mean().item()}
+        err, sq = sums[:2].tolist()
+        var = sq - sums[2 : 2 + d_out].pow(2).sum().item() / n
+        firing = firing_metrics(sums[2 + d_out :], n)
+        return {"val_nmse": err / sq, "val_fvu": err / var} | {f"val_{k}": v for k, v in firing.items()}
 
     def train(self) -> SparseLayer:
         cfg = self.cfg
@@ -579,8 +596,9 @@ class Trainer:
                 x, y = next(batches)
                 stats = self._train_step(x, y)
                 self.step += 1
+                dead = "n/a" if stats["dead"] is None else f"{100 * stats['dead']:.1f}%"  # n/a: run shorter than the window
                 postfix |= {"loss": f"{stats['loss']:.4f}", "nmse": f"{stats['nmse']:.4f}", "l0": f"{stats['l0']:.1f}",
-                            "dead": f"{100 * stats['dead']:.1f}%"}
+                            "dead": dead}
                 bar.update(cfg.batch_tokens)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     rate = (self.step - start_step) * cfg.batch_tokens / (time.perf_counter() - start_time)
@@ -607,7 +625,8 @@ class Trainer:
             if logger:
                 logger.close()
         if self.writes:
-            self.layer.save(self.out / "final")
+            with self._averaged():
+                self.layer.save(self.out / "final")
         self._barrier()
         return self.layer
 
