@@ -2,6 +2,8 @@
 and an all-zero layer as limiting cases, resumable sweeps, figures, bad input."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,59 @@ def test_report_tells_variants_apart_by_the_settings_that_differ():
     assert variant_labels(routers) == ["MxD (balance_coef=0.0, router=flat)", "MxD (balance_coef=0.0, router=product_key)",
                                        "MxD (balance_coef=0.01, router=product_key)"]
     assert variant_labels([{"method": "skip_transcoder", "k": 8}]) == ["skip transcoder"]  # a record without config
+
+
+@pytest.fixture
+def split_caches(tiny_model_dir, text_dir, tmp_path):
+    """Train and validation caches of a source that also holds out test documents."""
+    data = DataConfig(source=str(text_dir), context_len=CTX, validation_fraction=0.2, test_fraction=0.2)
+    caches = {}
+    for split, tokens in (("train", 64 * CTX), ("validation", 8 * CTX), ("test", 8 * CTX)):
+        caches[split] = str(tmp_path / f"cache-{split}")
+        harvest(HarvestConfig(out=caches[split], model=str(tiny_model_dir), layers=[1], split=split, max_tokens=tokens,
+                              chunk_tokens=8 * CTX, data=data), progress=False)
+    return caches
+
+
+def test_sweep_selects_learning_rates_on_validation_and_reports_on_test(split_caches, tmp_path):
+    train = TrainConfig(out=str(tmp_path / "sweep"), cache=split_caches["train"], val_cache=split_caches["validation"],
+                        ks=[2, 4], train_tokens=6 * 128, batch_tokens=128, val_tokens=8 * CTX,
+                        sparse=LayerSpec(expansion=4), optim=OptimConfig(lr=3e-3, warmup_steps=2))
+    cfg = SweepConfig(train=train, methods=["mxd", "mxd_paper", "transcoder"], lr_grid=[0.1, 1.0], lr_grid_k=4,
+                      dense_reference=True, eval=replace(EVAL, eval_split="test"))
+    records = run_sweep(cfg, progress=False)
+    selection = json.loads((tmp_path / "sweep" / "lr-grid" / "selection.json").read_text())
+    assert {s["method"] for s in selection} == {"mxd", "mxd_paper", "transcoder"}
+    for s in selection:  # the multiplier with the lowest final validation nmse
+        assert s["val_nmse"] == min(s["grid"].values()) == s["grid"][f"{s['lr_multiplier']:g}"]
+        cells = {r["k"]: r for r in records if r["method"] == s["method"]}
+        assert Path(cells[4]["run"]).parent.name == "lr-grid" and f"lrx{s['lr_multiplier']:g}" in cells[4]["run"]
+        assert cells[2]["config"]["optim"]["lr_scale"] == s["lr_multiplier"]
+    assert sorted((r["method"], r["k"]) for r in records) == [("mxd", 0), ("mxd", 2), ("mxd", 4), ("mxd_paper", 2),
+                                                             ("mxd_paper", 4), ("transcoder", 2), ("transcoder", 4)]
+    assert all(r["eval_split"] == "test" for r in records)
+    for r in records:
+        expected = {"mean_routing", "always_on_only", "token_specific_only"} if r["method"].startswith("mxd") and r["k"] else set()
+        assert set(r["ablations"]) == expected
+        if expected:
+            assert r["experts_share_reference"].endswith("mxd-k0-seed0")
+            for a in r["ablations"].values():
+                assert {"nmse", "delta_ce", "retained_nmse", "retained_delta_ce"} <= set(a)
+        lo, hi = r["delta_ce_ci95"]
+        assert lo <= r["delta_ce"] <= hi and {"dense", "always_on_slots", "effective_l0"} <= set(r)
+
+
+def test_the_test_split_must_exist_and_stay_apart_from_selection(split_caches, cache, tmp_path):
+    run = _train(cache, tmp_path / "run", steps=2)  # its source holds out no test documents
+    with pytest.raises(ValueError, match="eval_split='test' is empty: source .* was split with test_fraction=0"):
+        evaluate_runs([read_run(run)], replace(EVAL, eval_split="test"), progress=False)
+    cfg = TrainConfig(out=str(tmp_path / "selected-on-test"), cache=split_caches["train"], val_cache=split_caches["test"],
+                      train_tokens=2 * 128, batch_tokens=128, val_tokens=4 * CTX, sparse=LayerSpec(k=4, expansion=4))
+    Trainer(cfg, progress=False).train()
+    with pytest.raises(ValueError, match="overlaps validation: .* blocks are in the validation cache"):
+        evaluate_runs([read_run(cfg.out)], replace(EVAL, eval_split="test"), progress=False)
+    with pytest.raises(ValueError, match=r"ablations \['mean_routing'\] need MxD runs with experts"):
+        transcoder = read_run(_train(cache, tmp_path / "tc", kind="transcoder", steps=2))
+        evaluate_runs([transcoder], replace(EVAL, ablations=["mean_routing"]), progress=False)
+    with pytest.raises(ValueError, match="ablations \\['everything'\\] are invalid: valid values are mean_routing"):
+        EvalConfig(ablations=["everything"])

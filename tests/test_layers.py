@@ -355,7 +355,7 @@ def test_shared_modulator_and_the_dense_only_reference():
     assert dense_only.param_count() == MxDConfig(12, 10, 16, 0, 0, shared_modulator=True).param_count()
     shared = MxD(MxDConfig(12, 10, 16, n_experts=40, k=5, shared_modulator=True))
     codes = shared.encode(x)
-    torch.testing.assert_close(shared.modulation(codes), codes.to_dense(40) @ shared.modulators + shared.shared)
+    torch.testing.assert_close(shared.modulation(codes, x), codes.to_dense(40) @ shared.modulators + shared.shared)
     with pytest.raises(ValueError, match="needs shared_modulator=True"):
         MxDConfig(12, 10, 16, n_experts=0, k=0)
     with pytest.raises(ValueError, match="balance_rate=-1"):

@@ -6,7 +6,7 @@
 set -euo pipefail
 source .venv/bin/activate
 OUT=${OUT:-runs/always-on}
-common=(--cache cache/frontier-L15-train --val-cache cache/frontier-L15-val --kind mxd --expansion 16
+common=(--cache cache/frontier-L15-train --val-cache cache/frontier-L15-val --kind mxd --variant paper --expansion 16
         --train-tokens 512000 --batch-tokens 1024 --autocast bf16 --lr 1e-3 --eval-every 250 --val-tokens 65536
         --checkpoint-every 500)
 run() {  # run NAME OPTIONS...

@@ -1,5 +1,6 @@
 """mxd: Mixture of Decoders and the sparse baselines they are measured against."""
 
+from mxd.exchange import load
 from mxd.layers import (
     MxD,
     MxDConfig,
@@ -8,7 +9,6 @@ from mxd.layers import (
     SparseLayer,
     Transcoder,
     TranscoderConfig,
-    load,
     match_n_experts,
 )
 

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from mxd.checks import check_at_least
 from mxd.activations import DTYPES, ActivationCache
-from mxd.data import SPLITS, load_blocks, splits_by_document
+from mxd.data import SPLITS, DataConfig, load_blocks, splits_by_document
 from mxd.layers import MxD
 from mxd.metrics import ALWAYS_ON_RATE, firing_metrics
 from mxd.models import as_mlp, find_mlp, load_model, mlp_activations, mlp_hooks, splice
 from mxd.runs import RunInfo, SiteOptions, is_run, read_run
+from mxd.train import method_name
 
 EVAL_FILE = "eval.json"
 ABLATIONS = ("mean_routing", "always_on_only", "token_specific_only")  # of an MxD's experts, at evaluation time
@@ -40,12 +41,12 @@ class EvalConfig:
 
     eval_tokens: held-out tokens evaluated; eval_batch_size: sequences per forward pass;
     eval_source: text source, None for the runs' training source; eval_split: validation, test or
-    train documents of that source (blocks a run trained on are refused either way; test blocks
-    also may not be in a run's validation cache); eval_dtype: fp32 or bf16 for the model, None for
+    train documents of that source (blocks a run trained on are refused either way, and test blocks
+    that are in a run's validation cache too); eval_dtype: fp32 or bf16 for the model, None for
     the dtype its activations were harvested in; rank_sample: MxD experts whose normalised rank is
-    computed (a random sample); ablations: MxD ablations evaluated without retraining (mean_routing,
-    always_on_only, token_specific_only; None: all three for every MxD run, none for others; an
-    empty list: none)
+    computed (a random sample); ablations: MxD ablations evaluated without retraining, among
+    mean_routing, always_on_only and token_specific_only (None: all three for every MxD run with
+    experts and none for other runs, an empty list: none)
     """
 
     eval_tokens: int = 65_536
@@ -102,11 +103,11 @@ def find_runs(paths: list[str]) -> list[Path]:
     return found
 
 
-def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer) -> Tensor:
-    """Held-out token blocks [n, context_len] of the runs' text source (of the first run that names
-    one); raises if any of them was in a run's training cache, or, for the test split, in a run's
+def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer, data: DataConfig | None = None) -> Tensor:
+    """Held-out token blocks [n, context_len] of the runs' text source (of the first mxd run, else
+    `data`); raises if any of them was in a run's training cache, or, for the test split, in a run's
     validation cache (used for selection)."""
-    data = next((run.data for run in runs if run.config.get("format") is None), runs[0].data)
+    data = next((run.data for run in runs if run.config.get("format") is None), data or runs[0].data)
     data = data if cfg.eval_source is None else replace(data, source=cfg.eval_source)
     if cfg.eval_split == "test" and not data.test_fraction and splits_by_document(data):
         raise ValueError(f"eval_split='test' is empty: source {data.source!r} was split with test_fraction=0; "
@@ -160,7 +161,7 @@ class _Ablated(torch.nn.Module):
 
 
 def _expert_rank(run: RunInfo, sample: int, seed: int = 0) -> dict | None:
-    if not isinstance(run.layer, MxD) or sample < 1:
+    if not isinstance(run.layer, MxD) or sample < 1 or not run.layer.n_latents:
         return None
     n = run.layer.n_latents
     experts = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(sample, n)]
@@ -176,7 +177,7 @@ def _firing(counts: Tensor, tokens: int) -> dict:
     hist = np.histogram(np.log10(live.numpy()), bins=edges)[0] if len(live) else np.zeros(len(edges) - 1)
     q = [0.1, 0.5, 0.9, 0.99]
     return {"never": int((freq == 0).sum()), "log10_edges": edges.tolist(), "log10_counts": hist.tolist(),
-            "quantiles": dict(zip(map(str, q), torch.quantile(freq.float(), torch.tensor(q)).tolist()))}
+            "quantiles": dict(zip(map(str, q), torch.quantile(freq.float(), torch.tensor(q)).tolist())) if len(freq) else {}}
 
 
 def _sequence_ce(logp: Tensor, ids: Tensor) -> Tensor:
@@ -208,8 +209,10 @@ def _check_ablations(runs: list[RunInfo], ablations: list[str] | None) -> list[l
 
 
 @torch.no_grad()
-def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> list[dict]:
-    """One record of metrics per run (same model for all); see the module docstring for the passes."""
+def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True,
+                  data: DataConfig | None = None) -> list[dict]:
+    """One record of metrics per run (same model for all); see the module docstring for the passes.
+    `data`: the text source when no run is an mxd run that names one (coders saved by sparsify)."""
     models = {(run.model, run.data.context_len) for run in runs}
     if len(models) > 1:
         raise ValueError(f"runs of different models or context lengths cannot be evaluated together: "
@@ -222,7 +225,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     for run in runs:
         run.layer.to(device)
     sites = {run.layer_index: find_mlp(model, run.layer_index, run.module_path) for run in runs}
-    blocks = _eval_blocks(runs, cfg, tokenizer)
+    blocks = _eval_blocks(runs, cfg, tokenizer, data)
     batches = blocks.split(cfg.eval_batch_size)
     n_tokens = blocks.numel()
 
@@ -240,10 +243,10 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
             x, y = (t.reshape(-1, t.shape[-1]) for t in acts[run.layer_index])
             y_hat, codes = run.layer(x.to(next(run.layer.parameters()).dtype))
             s["err"] += (y_hat.double() - y.double()).pow(2).sum().item()
-            active = codes.values > 0
+            active = codes.values != 0
             s["fired"] += torch.bincount(codes.indices[active].cpu(), minlength=run.layer.n_latents)
             if ablations:
-                s["modulation"] = s["modulation"] + run.layer.modulation(codes).double().sum(0)
+                s["modulation"] = s["modulation"] + run.layer.modulation(codes, x.to(next(run.layer.parameters()).dtype)).double().sum(0)
     mean_y = {layer: (sum_y[layer] / n_tokens) for layer in sites}
 
     # the ablated MxDs: token-independent modulation, only the always-on experts, or all others
@@ -291,7 +294,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
         ce_zero, ce_mean = ce[("zero", layer)].sum() / predicted, ce[("mean", layer)].sum() / predicted
         var = sq_y[layer] - mean_y[layer].pow(2).sum().item() * n_tokens
         records.append({
-            "run": str(run.path), "model": run.model, "layer": layer, "method": run.config["sparse"]["kind"],
+            "run": str(run.path), "model": run.model, "layer": layer, "method": method_name(run.config["sparse"]),
             "k": run.layer.config.k, "seed": run.config.get("seed"), "n_params": run.layer.param_count(),
             "n_latents": run.layer.n_latents, "train_tokens": run.config.get("train_tokens"),
             "eval_tokens": n_tokens, "eval_dtype": dtype, "eval_split": cfg.eval_split,
@@ -344,6 +347,8 @@ COLUMNS = ("method", "k", "n_params", "nmse", "fvu", "l0", "effective_l0", "dens
 def markdown_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     """A Markdown table of the given columns, one row per record."""
     def cell(value):
+        if value is None:
+            return "n/a"
         if isinstance(value, float):
             return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
         return f"{value:,}" if isinstance(value, int) else str(value)

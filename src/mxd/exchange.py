@@ -1,7 +1,8 @@
 """Dictionaries saved by other libraries, read into mxd's layer classes exactly.
 
     layer = read_sparsify("checkpoints/run/layers.15.mlp")    # EleutherAI sparsify: cfg.json + sae.safetensors
-    layer = mxd.load("checkpoints/run/layers.15.mlp")         # the same: mxd.load recognises the format
+    layer = mxd.load("checkpoints/run/layers.15.mlp")         # the same: mxd.load (this module's `load`)
+                                                              # tells the formats apart
 
 sparsify (`SparseCoder`, versions 1.x): encoder.weight [M, d], encoder.bias [M], W_dec [M, d],
 b_dec [d] and, with skip_connection, W_skip [d, d]. A transcoder (transcode=true) computes
@@ -19,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mxd.layers import SkipTranscoder, SparseLayer, Transcoder, TranscoderConfig
+from mxd.layers import CONFIG_FILE, SkipTranscoder, SparseLayer, Transcoder, TranscoderConfig
+from mxd.layers import load as load_native
 
 SPARSIFY_CONFIG = "cfg.json"
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -89,3 +91,12 @@ def read_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Spars
         state["skip.weight"] = tensors["W_skip"]
     layer.load_state_dict({name: t.float().contiguous() for name, t in state.items()}, assign=True)
     return layer
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> SparseLayer:
+    """Any saved layer: an mxd layer folder (config.json + model.safetensors, see `SparseLayer.save`),
+    or a sparsify coder (a hookpoint folder, or a run folder holding one)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and path.is_dir() and (is_sparsify(path) or any(map(is_sparsify, path.iterdir()))):
+        return read_sparsify(path, device)
+    return load_native(path, device)

@@ -39,6 +39,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
 }
 SPARSITIES = ("topk", "l1")
+COEFFICIENTS = ("relu", "signed")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -95,8 +96,11 @@ class MxDConfig(LayerConfig):
     (W_r x over all N experts) or "product_key" (two sub-routers over ≈√N sub-keys each, see
     mxd.routing); router_candidates: rows/columns a product-key router keeps (0: K, exact; fewer is
     cheaper and approximate); shared_modulator: a learned modulator c0 (initialised to ones) that
-    every token uses besides its experts, so the modulation is c0 + C a; balance_rate: step by
-    which a flat router's selection bias evens out how often experts are chosen (0: off)
+    every token uses besides its experts, so the modulation is c0 + C a; linear_modulation: a dense
+    input-dependent modulation W_m x (W_m [d_out, d_in], initialised at zero) added to it;
+    balance_rate: step by which a flat router's selection bias evens out how often experts are
+    chosen (0: off); coefficients: "relu" (a = TopK(ReLU(logits)), the paper's) or "signed" (the
+    chosen logits themselves, so every chosen expert contributes)
     """
 
     d_in: int
@@ -112,7 +116,9 @@ class MxDConfig(LayerConfig):
     router: str = "flat"
     router_candidates: int = 0
     shared_modulator: bool = False
+    linear_modulation: bool = False
     balance_rate: float = 0.0
+    coefficients: str = "relu"
 
     def __post_init__(self):
         _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden)
@@ -125,6 +131,7 @@ class MxDConfig(LayerConfig):
             raise ValueError(f"k={self.k} is invalid: must be between 1 and n_experts={self.n_experts}")
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("router", self.router, ("flat", "product_key"))
+        _check_choice("coefficients", self.coefficients, COEFFICIENTS)
         if self.decoder_init_std < 0:
             raise ValueError(f"decoder_init_std={self.decoder_init_std} is invalid: must be >= 0")
         if self.router_candidates < 0:
@@ -144,7 +151,8 @@ class MxDConfig(LayerConfig):
         else:
             router = sum(product_grid(self.n_experts)) * (self.d_in + 1) if self.n_experts else 0
         base = mxd_base_params(self.d_in, self.d_out, self.d_hidden, self.glu, self.bias)
-        return base + self.d_out * self.shared_modulator + self.n_experts * self.d_out + router
+        dense = self.d_out * self.shared_modulator + self.d_in * self.d_out * self.linear_modulation
+        return base + dense + self.n_experts * self.d_out + router
 
 
 @dataclass
@@ -299,17 +307,21 @@ class MxD(SparseLayer):
         self.up = nn.Linear(c.d_in, c.d_hidden, bias=c.bias) if c.glu else None  # G, b_g (Llama's up_proj)
         self.decoder = nn.Linear(c.d_hidden, c.d_out, bias=False)  # weight = Dᵀ [d_out, H]
         self.router = None
+        rectify = c.coefficients == "relu"
         if c.n_experts and c.router == "flat":
-            self.router = FlatRouter(c.d_in, c.n_experts, balanced=c.balance_rate > 0)  # W_r, b_r
+            self.router = FlatRouter(c.d_in, c.n_experts, balanced=c.balance_rate > 0, rectify=rectify)  # W_r, b_r
         elif c.n_experts:
-            self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates)
+            self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates, rectify=rectify)
         self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out)) if c.n_experts else None  # Cᵀ: row n is c_n
         self.shared = nn.Parameter(torch.ones(c.d_out)) if c.shared_modulator else None  # c0
+        self.linear = nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_modulation else None  # W_m
         self.bias = nn.Parameter(torch.zeros(c.d_out)) if c.bias else None  # b
         with torch.no_grad():
             nn.init.normal_(self.decoder.weight, std=c.decoder_init_std)
             if self.modulators is not None:
                 nn.init.uniform_(self.modulators, -1.0, 1.0)
+            if self.linear is not None:
+                self.linear.weight.zero_()
         if c.unit_norm_modulators:
             self.normalize_weights_()
 
@@ -337,25 +349,28 @@ class MxD(SparseLayer):
         values, indices = self.router.topk(x, self.config.k)
         return SparseCodes(indices, values)
 
-    def modulation(self, codes: SparseCodes) -> Tensor:
-        """c0 + C a (or C a without a shared modulator).  -> [B, d_out]."""
-        m = sparse_decode(codes.indices, codes.values, self.modulators) if self.router is not None else None
+    def modulation(self, codes: SparseCodes, x: Tensor) -> Tensor:
+        """C a, plus c0 and W_m x when the layer has them.  -> [B, d_out]."""
+        parts = [sparse_decode(codes.indices, codes.values, self.modulators)] if self.router is not None else []
+        if self.linear is not None:
+            parts.append(self.linear(x))
+        m = sum(parts[1:], parts[0]) if parts else None
         if self.shared is None:
             return m
-        return self.shared.expand(len(codes.values), -1) if m is None else m + self.shared
+        return self.shared.expand(len(x), -1) if m is None else m + self.shared
 
     def decode(self, codes: SparseCodes, x: Tensor) -> Tensor:
-        y = self.dense(x) * self.modulation(codes)
+        y = self.dense(x) * self.modulation(codes, x)
         return y + self.bias if self.bias is not None else y
 
     def ablated(self, x: Tensor, keep: Tensor | None = None, modulation: Tensor | None = None) -> Tensor:
-        """y_hat with only the experts in `keep` ([N] bool) used, or with the modulation c0 + C a
-        replaced by the fixed vector `modulation` [d_out].  [B, d_in] -> [B, d_out]."""
+        """y_hat with only the experts in `keep` ([N] bool) used, or with the whole modulation
+        (c0 + W_m x + C a) replaced by the fixed vector `modulation` [d_out].  [B, d_in] -> [B, d_out]."""
         if modulation is not None:
             m = modulation.to(x.dtype).expand(len(x), -1)
         else:
             codes = self.encode(x)
-            m = self.modulation(SparseCodes(codes.indices, codes.values * keep[codes.indices]))
+            m = self.modulation(SparseCodes(codes.indices, codes.values * keep[codes.indices]), x)
         y = self.dense(x) * m
         return y + self.bias if self.bias is not None else y
 

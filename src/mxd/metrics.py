@@ -18,10 +18,11 @@ ALWAYS_ON_RATE = 0.5  # ... and on more than this share, "always on"
 
 
 def firing_metrics(counts: Tensor, n_tokens: int) -> dict:
-    """dead, dense, always_on_slots, l0 and effective_l0 from per-latent firing counts over n_tokens tokens."""
+    """dead, dense, always_on_slots, l0 and effective_l0 from per-latent firing counts over n_tokens
+    tokens (dead and dense are None for a layer without latents)."""
     rate = counts.double() / max(n_tokens, 1)
     always_on = rate[rate > ALWAYS_ON_RATE].sum().item()
     l0 = rate.sum().item()
-    n = max(len(rate), 1)
-    return {"dead": (rate == 0).sum().item() / n, "dense": (rate > DENSE_RATE).sum().item() / n,
+    n = len(rate)
+    return {"dead": (rate == 0).sum().item() / n if n else None, "dense": (rate > DENSE_RATE).sum().item() / n if n else None,
             "always_on_slots": always_on, "l0": l0, "effective_l0": l0 - always_on}

@@ -28,6 +28,7 @@ class OptimConfig:
 
     optimizer: adam, adamw or signum (sign-SGD inside schedule-free, sparsify's recipe);
     lr: peak learning rate (None: the method's default, scaled with its width; see docs/training.md);
+    lr_scale: multiplier of that learning rate (a sweep's learning-rate grid sets it);
     beta1, beta2: Adam betas; weight_decay: AdamW's; grad_clip: max gradient norm (0: off);
     warmup_steps: linear warm-up from 0; decay: constant, linear or cosine after warm-up, down to
     min_lr_ratio x lr at the last step (signum is schedule-free: use constant)
@@ -35,6 +36,7 @@ class OptimConfig:
 
     optimizer: str = "adam"
     lr: float | None = None
+    lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
@@ -50,6 +52,8 @@ class OptimConfig:
             raise ValueError(f"decay={self.decay!r} is invalid: valid values are {', '.join(DECAYS)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr} is invalid: must be > 0 (or None for the method's default)")
+        if not self.lr_scale > 0:
+            raise ValueError(f"lr_scale={self.lr_scale} is invalid: must be > 0")
         if not self.grad_clip >= 0:
             raise ValueError(f"grad_clip={self.grad_clip} is invalid: must be >= 0 (0: off)")
         if not 0 <= self.min_lr_ratio <= 1:

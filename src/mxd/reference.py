@@ -28,15 +28,17 @@ def dense_forward(layer: SparseLayer, x: Tensor) -> Tensor:
     if isinstance(layer, MxD):
         if layer.router is None:
             m = torch.zeros(len(x), layer.config.d_out, dtype=x.dtype, device=x.device)
-        elif layer.config.balance_rate:  # chosen by logits + β, weighted by the logits
+        else:  # chosen by logits (+ β), weighted by the (rectified) logits
             logits = layer.router.logits(x)
-            chosen = (logits + layer.router.selection_bias).topk(layer.config.k, dim=-1).indices
-            a = torch.zeros_like(logits).scatter(-1, chosen, logits.gather(-1, chosen).relu())
-            m = a @ layer.modulators
-        else:
-            m = _dense_topk(layer.router.logits(x), layer.config.k) @ layer.modulators  # [B, N] @ [N, d_out]
+            beta = layer.router.selection_bias if layer.config.balance_rate else 0
+            chosen = (logits + beta).topk(layer.config.k, dim=-1).indices
+            values = logits.gather(-1, chosen)
+            a = torch.zeros_like(logits).scatter(-1, chosen, values.relu() if layer.config.coefficients == "relu" else values)
+            m = a @ layer.modulators  # [B, N] @ [N, d_out]
         if layer.shared is not None:
             m = m + layer.shared
+        if layer.linear is not None:
+            m = m + x @ layer.linear.weight.T
         y = layer.decoder(layer.hidden(x)) * m
         return y + layer.bias if layer.bias is not None else y
     if isinstance(layer, Transcoder):

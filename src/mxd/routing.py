@@ -27,13 +27,15 @@ class FlatRouter(nn.Linear):
     is chosen about equally often (loss-free load balancing, as in DeepSeek-V3).
     """
 
-    def __init__(self, d_in: int, n_experts: int, balanced: bool = False):
+    def __init__(self, d_in: int, n_experts: int, balanced: bool = False, rectify: bool = True):
         super().__init__(d_in, n_experts)
         self.register_buffer("selection_bias", torch.zeros(n_experts) if balanced else None)
+        self.rectify = rectify
 
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """TopK_K(ReLU(logits)), chosen by logits + β when balanced: values [B, K], indices [B, K]."""
-        return topk_linear(x, self.weight, self.bias, k, self.selection_bias)
+        """TopK_K(ReLU(logits)) (signed logits when not rectify), chosen by logits + β when balanced:
+        values [B, K], indices [B, K]."""
+        return topk_linear(x, self.weight, self.bias, k, self.selection_bias, self.rectify)
 
     @torch.no_grad()
     def balance_(self, counts: Tensor, rate: float) -> None:
@@ -68,8 +70,9 @@ class ProductKeyRouter(nn.Module):
     before the product is scored (0: K, which is exact; fewer, down to √K, is cheaper and approximate).
     """
 
-    def __init__(self, d_in: int, n_experts: int, candidates: int = 0):
+    def __init__(self, d_in: int, n_experts: int, candidates: int = 0, rectify: bool = True):
         super().__init__()
+        self.rectify = rectify
         self.n_rows, self.n_cols = product_grid(n_experts)
         self.candidates = candidates
         self.rows = nn.Linear(d_in, self.n_rows)
@@ -88,7 +91,7 @@ class ProductKeyRouter(nn.Module):
         values, pos = scores.topk(k, dim=-1)
         rows = r_idx.gather(1, pos // s_idx.shape[1])
         cols = s_idx.gather(1, pos % s_idx.shape[1])
-        return values.relu(), rows * self.n_cols + cols
+        return values.relu() if self.rectify else values, rows * self.n_cols + cols
 
     def logits(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """logits of the given experts (default all N): [B, d_in] -> [B, n]."""

@@ -157,11 +157,13 @@ class TopKLinear(torch.autograd.Function):
     """(values, indices) = TopK_K(ReLU(x Wᵀ + b)); gradients only through the K selected rows.
 
     With a `selection_bias` β [N], the K rows are chosen by x Wᵀ + b + β while the values stay
-    ReLU(x Wᵀ + b) (β steers which rows are used, never how much; it gets no gradient).
+    ReLU(x Wᵀ + b) (β steers which rows are used, never how much; it gets no gradient). With
+    rectify=False the values are the chosen logits themselves, signed.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, selection_bias: Tensor | None = None):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, selection_bias: Tensor | None = None,
+                rectify: bool = True):
         dtype = compute_dtype(x, weight)
         if selection_bias is not None:
             bias = selection_bias if bias is None else bias + selection_bias
@@ -181,7 +183,9 @@ class TopKLinear(torch.autograd.Function):
             values[block], indices[block] = row_topk(logits, k)
         if selection_bias is not None:
             values.sub_(selection_bias.to(dtype)[indices])
-        values.relu_()
+        if rectify:
+            values.relu_()
+        ctx.rectify = rectify
         ctx.save_for_backward(x, weight, indices, values)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(indices)
@@ -191,7 +195,7 @@ class TopKLinear(torch.autograd.Function):
     def backward(ctx, grad_values: Tensor, _grad_indices):
         x, weight, indices, values = ctx.saved_tensors
         dtype = sparse_dtype(torch.promote_types(x.dtype, weight.dtype))
-        grad_logits = (grad_values * (values > 0)).to(dtype)  # [B, K]
+        grad_logits = (grad_values * (values > 0) if ctx.rectify else grad_values).to(dtype)  # [B, K]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = gather_sum(indices, grad_logits, weight.to(dtype)).to(x.dtype)
@@ -200,7 +204,7 @@ class TopKLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_logits.new_zeros(weight.shape[0]).index_add_(0, indices.reshape(-1), grad_logits.reshape(-1))
             grad_bias = grad_bias.to(weight.dtype)
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -230,13 +234,13 @@ class SparseDecode(torch.autograd.Function):
         return None, grad_values, grad_table
 
 
-def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
-                selection_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """TopK_K(ReLU(x Wᵀ + b)), the K chosen by x Wᵀ + b + selection_bias when given.
-
-    x [B, d_in], weight [N, d_in], bias [N], selection_bias [N] -> values [B, K], indices [B, K].
+def topk_linear(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, selection_bias: Tensor | None = None,
+                rectify: bool = True) -> tuple[Tensor, Tensor]:
+    """TopK_K(ReLU(x Wᵀ + b)), the K chosen by x Wᵀ + b + selection_bias when given, without the
+    ReLU when rectify=False.  x [B, d_in], weight [N, d_in], bias [N], selection_bias [N] -> values
+    [B, K], indices [B, K].
     """
-    return TopKLinear.apply(x, weight, bias, k, selection_bias)
+    return TopKLinear.apply(x, weight, bias, k, selection_bias, rectify)
 
 
 def sparse_decode(indices: Tensor, values: Tensor, table: Tensor) -> Tensor:

@@ -45,6 +45,32 @@ from mxd.tracking import MetricsLogger, check_trackers
 KINDS = ("mxd", "transcoder", "skip_transcoder")
 LOSSES = ("nmse", "token_nmse")
 PLACEMENTS = ("replicate", "spread")
+# MxD forms (docs/training.md): the paper's exact one, and the default, whose shared modulator c0 takes the
+# token-independent part of the modulation, while balanced, signed routing spreads the K slots over the experts
+MXD_VARIANTS = {
+    "paper": {"shared_modulator": False, "linear_modulation": False, "balance_rate": 0.0, "coefficients": "relu"},
+    "balanced": {"shared_modulator": True, "linear_modulation": False, "balance_rate": 1e-3, "coefficients": "signed"},
+}
+DEFAULT_VARIANT = "balanced"
+# sweep methods: a layer kind, or an MxD variant (method name -> (kind, variant))
+METHODS = {"mxd": ("mxd", None), "mxd_paper": ("mxd", "paper"), "transcoder": ("transcoder", None),
+           "skip_transcoder": ("skip_transcoder", None)}
+
+
+def method_spec(spec: "LayerSpec", method: str) -> "LayerSpec":
+    """`spec` for a sweep method: its kind, and for a named MxD variant that variant's exact form."""
+    kind, variant = METHODS[method]
+    if variant is None:
+        return replace(spec, kind=kind)
+    return replace(spec, kind=kind, variant=variant, shared_modulator=None, linear_modulation=None, balance_rate=None,
+                   coefficients=None)
+
+
+def method_name(sparse: dict) -> str:
+    """The sweep method a run's LayerSpec (as a dict) stands for: its kind, or mxd_VARIANT for a
+    non-default MxD variant."""
+    variant = sparse.get("variant", "paper")  # runs from before variants were the paper's form
+    return f"mxd_{variant}" if sparse["kind"] == "mxd" and variant != DEFAULT_VARIANT else sparse["kind"]
 
 
 @dataclass
@@ -59,9 +85,14 @@ class LayerSpec:
     (or transcoder decoder rows) at unit norm; decoder_init_std: std of MxD's shared decoder init;
     router: MxD's router, flat or product_key (the matched expert count is then rounded to a
     square); router_candidates: rows and columns a product-key router keeps (0: K, exact; fewer is
-    cheaper and approximate); shared_modulator: MxD's learned modulator c0 that every token uses
-    besides its K experts; balance_rate: per-step move of the flat MxD router's selection bias that
-    evens out expert load (0: off); decoder_init: transcoder decoder init, zero or uniform
+    cheaper and approximate); variant: MxD form, a preset of the next four fields (see
+    MXD_VARIANTS; "paper" is the paper's exact form); shared_modulator: MxD's learned modulator c0
+    that every token uses besides its K experts (None: the variant's); linear_modulation: MxD's dense
+    input-dependent modulation W_m x, its d_in x d_out parameters paid for with experts (None: the
+    variant's); balance_rate: per-step move of the flat MxD router's selection bias that evens out
+    expert load, 0 off (None: the variant's); coefficients: MxD expert coefficients, relu (the
+    paper's) or signed (the chosen router logits, so every chosen expert contributes) (None: the
+    variant's); decoder_init: transcoder decoder init, zero or uniform
     """
 
     kind: str = "mxd"
@@ -74,33 +105,47 @@ class LayerSpec:
     decoder_init_std: float = 0.01
     router: str = "flat"
     router_candidates: int = 0
-    shared_modulator: bool = False
-    balance_rate: float = 0.0
+    variant: str = DEFAULT_VARIANT
+    shared_modulator: bool | None = None
+    linear_modulation: bool | None = None
+    balance_rate: float | None = None
+    coefficients: str | None = None
     decoder_init: str = "zero"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is invalid: valid values are {', '.join(KINDS)}")
+        if self.variant not in MXD_VARIANTS:
+            raise ValueError(f"variant={self.variant!r} is invalid: valid values are {', '.join(MXD_VARIANTS)}")
         check_at_least(self, 1, "expansion")
         if self.k < (self.kind != "mxd"):
             raise ValueError(f"k={self.k} is invalid for kind={self.kind!r}: must be >= {int(self.kind != 'mxd')}"
                              + (" (k = 0 is the dense-only MxD reference)" if self.kind == "mxd" else ""))
 
+    def mxd_form(self) -> dict:
+        """The MxD form fields: the variant's preset, overridden by those given explicitly."""
+        return MXD_VARIANTS[self.variant] | {k: getattr(self, k) for k in MXD_VARIANTS[self.variant]
+                                             if getattr(self, k) is not None}
+
     def build(self, d_in: int, d_out: int, host: dict) -> SparseLayer:
         """The layer, sized for an MLP d_in -> d_out whose form is `host` (see models.host_mlp)."""
         width = self.expansion * d_in
         if self.kind == "mxd":
-            glu, shared = host["glu"], self.shared_modulator or self.k == 0
+            form = self.mxd_form()
+            glu, shared = host["glu"], form["shared_modulator"] or self.k == 0
             if self.k == 0:
                 n = 0
             else:
-                n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu, extra=d_out * shared)
+                extra = d_out * shared + d_in * d_out * form["linear_modulation"]
+                n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu, extra=extra)
             if self.router == "product_key" and not self.n_experts:
                 n = round(math.sqrt(n)) ** 2
+            balance_rate = form["balance_rate"] if self.router == "flat" and n else 0.0
             return MxD(MxDConfig(d_in, d_out, host["d_hidden"], n, self.k, activation=host["activation"], glu=glu,
                                  unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std,
-                                 router=self.router, router_candidates=self.router_candidates,
-                                 shared_modulator=shared, balance_rate=self.balance_rate))
+                                 router=self.router, router_candidates=self.router_candidates, shared_modulator=shared,
+                                 linear_modulation=form["linear_modulation"], balance_rate=balance_rate,
+                                 coefficients=form["coefficients"]))
         if self.kind == "skip_transcoder":
             config = TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), self.k, sparsity=self.sparsity,
                                       unit_norm_decoder=self.unit_norm, decoder_init=self.decoder_init)
@@ -308,7 +353,8 @@ class Trainer:
         self._prepare_out()
         torch.manual_seed(config.seed)
         self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
-        self.lr = config.optim.lr or default_lr(config.optim.optimizer, config.sparse.kind, self.layer.n_latents)
+        lr = config.optim.lr or default_lr(config.optim.optimizer, config.sparse.kind, self.layer.n_latents)
+        self.lr = lr * config.optim.lr_scale
         self.aux_k = d_out // 2 if config.aux_k is None else config.aux_k
         self.opt = make_optimizer(config.optim, self.layer.parameters(), self.lr)
         self.schedule_free = hasattr(self.opt, "eval")  # its parameters hold the training point; eval() swaps in the average
@@ -509,7 +555,7 @@ class Trainer:
                 total = total + cfg.aux_coef * _aux_dead_loss(self.layer, x, y - y_hat.float(), dead, self.aux_k, self._all_sum)
             if cfg.balance_coef:
                 total = total + cfg.balance_coef * _balance_loss(codes, self.layer.n_latents, self._all_sum)
-        active = codes.values > 0
+        active = codes.values != 0
         n_latents = self.layer.n_latents
         fired = torch.zeros(n_latents, device=self.device).index_fill_(0, codes.indices[active], 1.0)
         chosen = torch.bincount(codes.indices.flatten(), minlength=n_latents).float()  # slots per latent
@@ -566,8 +612,8 @@ class Trainer:
                 sums[0] += (y_hat.double() - y).pow(2).sum()
                 sums[1] += y.pow(2).sum()
                 sums[2 : 2 + d_out] += y.sum(0)
-                sums[2 + d_out :].index_add_(0, codes.indices[codes.values > 0], torch.ones((), dtype=torch.float64,
-                                             device=self.device).expand(int((codes.values > 0).sum())))
+                sums[2 + d_out :].index_add_(0, codes.indices[codes.values != 0], torch.ones((), dtype=torch.float64,
+                                             device=self.device).expand(int((codes.values != 0).sum())))
             if n >= self.cfg.val_tokens:
                 break
         sums = self._all_sum(sums)
