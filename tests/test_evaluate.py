@@ -224,6 +224,9 @@ def test_sweep_selects_learning_rates_on_validation_and_reports_on_test(split_ca
                 assert {"nmse", "delta_ce", "retained_nmse", "retained_delta_ce"} <= set(a)
         lo, hi = r["delta_ce_ci95"]
         assert lo <= r["delta_ce"] <= hi and {"dense", "always_on_slots", "effective_l0"} <= set(r)
+    text = write_report(ReportConfig(inputs=[str(tmp_path / "sweep")], out=str(tmp_path / "report"))).read_text()
+    assert "](experts.png)" in text and "| mxd-k0-seed0 | mxd | 0 |" in text and "experts_share" in text
+    assert (tmp_path / "report" / "experts.png").stat().st_size > 10_000
 
 
 def test_the_test_split_must_exist_and_stay_apart_from_selection(split_caches, cache, tmp_path):

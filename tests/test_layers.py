@@ -336,10 +336,14 @@ def test_selection_bias_chooses_but_does_not_weigh():
 
 def test_balance_moves_the_selection_bias_toward_equal_load():
     layer = MxD(MxDConfig(12, 10, 16, n_experts=4, k=1, balance_rate=0.5))
-    layer.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]))  # mean load 4
+    no_dead = torch.zeros(4, dtype=torch.bool)
+    layer.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]), 16, no_dead)  # mean load 4
     torch.testing.assert_close(layer.router.selection_bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    capped = MxD(MxDConfig(12, 10, 16, n_experts=4, k=1, balance_rate=0.5, balance_cap=0.5))
+    capped.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]), 16, torch.tensor([False, True, False, False]))
+    torch.testing.assert_close(capped.router.selection_bias, torch.tensor([-0.5, 0.5, 0.0, 0.0]))  # > 8 of 16; dead
     unbalanced = MxD(MxDConfig(12, 10, 16, n_experts=4, k=1))
-    unbalanced.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]))  # a no-op without balance_rate
+    unbalanced.balance_(torch.tensor([10.0, 0.0, 3.0, 3.0]), 16, no_dead)  # a no-op without balance_rate
     assert unbalanced.router.selection_bias is None and "router.selection_bias" not in unbalanced.state_dict()
 
 

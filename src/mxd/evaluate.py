@@ -32,6 +32,9 @@ from mxd.runs import RunInfo, SiteOptions, is_run, read_run
 from mxd.train import method_name
 
 EVAL_FILE = "eval.json"
+FRONTIER = "frontier.json"  # a sweep's evaluation records, all cells
+EXPERTS_CAPTION = ("What the experts add (docs/metrics.md): experts_share is the share of the reference's nmse the "
+                   "experts remove; retained is the share of the reference → MxD nmse improvement an ablation keeps.")
 ABLATIONS = ("mean_routing", "always_on_only", "token_specific_only")  # of an MxD's experts, at evaluation time
 
 
@@ -359,6 +362,24 @@ def markdown_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> s
     return "\n".join(lines)
 
 
+def experts_table(records: list[dict]) -> str | None:
+    """A Markdown table of what MxD runs' experts add: experts_share and, per ablation, nmse,
+    delta_ce and the share of the reference → MxD improvement retained (None when no run has ablations)."""
+    rows = [r for r in records if r.get("ablations")]
+    if not rows:
+        return None
+    head = ["run", "k", "nmse", "delta_ce", "experts_share"] + [f"{a}: nmse / delta_ce / retained" for a in ABLATIONS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [Path(r["run"]).name, str(r["k"]), f"{r['nmse']:.4f}", f"{r['delta_ce']:.4f}",
+                 "n/a" if r.get("experts_share") is None else f"{r['experts_share']:.3f}"]
+        for name in ABLATIONS:
+            a = r["ablations"].get(name)
+            cells.append("n/a" if a is None else f"{a['nmse']:.4f} / {a['delta_ce']:.4f} / {a.get('retained_nmse', math.nan):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_results(records: list[dict], out: Path | None) -> None:
     """Each run's record to RUN/eval.json; with `out`, all of them to out/eval.json and out/eval.md."""
     for r in records:
@@ -366,7 +387,8 @@ def write_results(records: list[dict], out: Path | None) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / EVAL_FILE).write_text(json.dumps(records, indent=1) + "\n")
-        (out / "eval.md").write_text(markdown_table(records) + "\n")
+        experts = experts_table(records)
+        (out / "eval.md").write_text(markdown_table(records) + "\n" + (f"\n{EXPERTS_CAPTION}\n\n{experts}\n" if experts else ""))
 
 
 def evaluate_paths(paths: list[str], cfg: EvalConfig, out: str | None = None, progress: bool = True,

@@ -99,8 +99,11 @@ class MxDConfig(LayerConfig):
     every token uses besides its experts, so the modulation is c0 + C a; linear_modulation: a dense
     input-dependent modulation W_m x (W_m [d_out, d_in], initialised at zero) added to it;
     balance_rate: step by which a flat router's selection bias evens out how often experts are
-    chosen (0: off); coefficients: "relu" (a = TopK(ReLU(logits)), the paper's) or "signed" (the
-    chosen logits themselves, so every chosen expert contributes)
+    chosen (0: off); balance_cap: 0 to move every expert toward equal load, or a share of tokens:
+    then only experts chosen more often than that are pushed down, and dead ones up; coefficients: "relu" (a = TopK(ReLU(logits)), the paper's) or "signed" (the
+    chosen logits themselves, so every chosen expert contributes); modulator_init: "uniform"
+    (c_n ~ U(-1, 1), the paper's) or "zero" (the experts start silent: with a shared modulator the
+    layer starts as its dense path)
     """
 
     d_in: int
@@ -118,7 +121,9 @@ class MxDConfig(LayerConfig):
     shared_modulator: bool = False
     linear_modulation: bool = False
     balance_rate: float = 0.0
+    balance_cap: float = 0.0
     coefficients: str = "relu"
+    modulator_init: str = "uniform"
 
     def __post_init__(self):
         _check_positive(d_in=self.d_in, d_out=self.d_out, d_hidden=self.d_hidden)
@@ -132,10 +137,15 @@ class MxDConfig(LayerConfig):
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("router", self.router, ("flat", "product_key"))
         _check_choice("coefficients", self.coefficients, COEFFICIENTS)
+        _check_choice("modulator_init", self.modulator_init, ("uniform", "zero"))
+        if self.modulator_init == "zero" and self.unit_norm_modulators:
+            raise ValueError("modulator_init='zero' is invalid with unit_norm_modulators: zero rows have no direction")
         if self.decoder_init_std < 0:
             raise ValueError(f"decoder_init_std={self.decoder_init_std} is invalid: must be >= 0")
         if self.router_candidates < 0:
             raise ValueError(f"router_candidates={self.router_candidates} is invalid: must be >= 0 (0 means k)")
+        if not 0 <= self.balance_cap < 1:
+            raise ValueError(f"balance_cap={self.balance_cap} is invalid: must be in [0, 1) (0: toward equal load)")
         if not self.balance_rate >= 0:
             raise ValueError(f"balance_rate={self.balance_rate} is invalid: must be >= 0 (0: off)")
         if self.balance_rate and self.router != "flat":
@@ -259,9 +269,10 @@ class SparseLayer(nn.Module):
         """Set biases from the mean input [d_in] and mean target [d_out] of the first batch (the
         trainer's data init); layers without such an init keep their parameters."""
 
-    def balance_(self, counts: Tensor) -> None:
-        """After an optimiser step: how often each latent was chosen in it, [n_latents] (the trainer
-        calls this; layers that do not balance ignore it)."""
+    def balance_(self, counts: Tensor, tokens: int, dead: Tensor) -> None:
+        """After an optimiser step: how often each latent was chosen in it [n_latents], among how
+        many tokens, and which latents are dead [n_latents] bool (the trainer calls this; layers
+        that do not balance ignore it)."""
 
     @torch.no_grad()
     def normalize_weights_(self) -> None:
@@ -319,7 +330,7 @@ class MxD(SparseLayer):
         with torch.no_grad():
             nn.init.normal_(self.decoder.weight, std=c.decoder_init_std)
             if self.modulators is not None:
-                nn.init.uniform_(self.modulators, -1.0, 1.0)
+                nn.init.uniform_(self.modulators, -1.0, 1.0) if c.modulator_init == "uniform" else self.modulators.zero_()
             if self.linear is not None:
                 self.linear.weight.zero_()
         if c.unit_norm_modulators:
@@ -379,9 +390,9 @@ class MxD(SparseLayer):
         if self.bias is not None:
             self.bias.copy_(mean_y)
 
-    def balance_(self, counts: Tensor) -> None:
+    def balance_(self, counts: Tensor, tokens: int, dead: Tensor) -> None:
         if self.config.balance_rate:
-            self.router.balance_(counts, self.config.balance_rate)
+            self.router.balance_(counts, self.config.balance_rate, self.config.balance_cap, tokens, dead)
 
     def expert_weights(self, experts: Tensor) -> Tensor:
         """W_n = D diag(c_n) for the given expert indices.  [n] -> [n, H, d_out]."""

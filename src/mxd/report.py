@@ -2,6 +2,8 @@
 
     REPORT/report.md                      the table and the figures, embedded
     REPORT/frontier.{png,svg}             nmse, delta_ce and ce_recovered vs K, one line per method or variant
+                                          (the dense-only MxD as a horizontal reference line)
+    REPORT/experts.{png,svg}              what MxD's experts add over its dense path, vs K (MxD runs with ablations)
     REPORT/training.{png,svg}             training and validation nmse vs training tokens, one line per run
     REPORT/firing.{png,svg}               how often latents fire, one histogram per run
 """
@@ -19,14 +21,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mxd.evaluate import EVAL_FILE, find_runs, markdown_table  # noqa: E402
-from mxd.sweep import FRONTIER  # noqa: E402
+from mxd.evaluate import ABLATIONS, EVAL_FILE, EXPERTS_CAPTION, FRONTIER, experts_table, find_runs, markdown_table  # noqa: E402
+from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE  # noqa: E402
 
-METHOD_LABELS = {"mxd": "MxD", "transcoder": "TopK transcoder", "skip_transcoder": "skip transcoder"}
+METHOD_LABELS = {"mxd": "MxD", "mxd_paper": "MxD (paper form)", "transcoder": "TopK transcoder",
+                 "skip_transcoder": "skip transcoder", "sparsify_transcoder": "sparsify TopK transcoder",
+                 "sparsify_skip_transcoder": "sparsify skip transcoder"}
 # Training settings that do not make a run another variant: what varies within one line of the frontier
 # (K, seed) and where and how it was run or logged.
-NOT_VARIANT = {"out", "resume", "seed", "ks", "sparse.k", "device", "placement", "log_every", "log_to",
-               "eval_every", "checkpoint_every", "keep_last"}
+NOT_VARIANT = {"out", "resume", "seed", "ks", "sparse.k", "sparse.variant", "optim.lr_scale", "device", "placement",
+               "log_every", "log_to", "eval_every", "checkpoint_every", "keep_last"}
 
 
 @dataclass
@@ -90,30 +94,79 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def is_dense_only(record: dict) -> bool:
+    """Whether an evaluation record is of the dense-only MxD reference (k = 0, no experts)."""
+    return record["method"].startswith("mxd") and record["n_latents"] == 0
+
+
 def plot_frontier(records: list[dict], out: Path) -> list[Path]:
-    """nmse, delta_ce and ce_recovered against K, one line per variant (mean over seeds; bars span min to max)."""
+    """nmse, delta_ce and ce_recovered against K, one line per variant (mean over seeds; bars: the
+    paired 95% interval over sequences for the CE metrics, else min to max over seeds); the
+    dense-only MxD as a horizontal line."""
     metrics = [("nmse", "nmse (lower is better)"), ("delta_ce", "Δ CE, nats (lower is better)"),
                ("ce_recovered", "CE recovered (higher is better)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     by_variant = defaultdict(lambda: defaultdict(list))
-    for r, variant in zip(records, variant_labels(records)):
+    sparse = [r for r in records if not is_dense_only(r)]
+    for r, variant in zip(sparse, variant_labels(sparse)):
         by_variant[variant][r["k"]].append(r)
     for ax, (key, label) in zip(axes, metrics):
         for variant, by_k in sorted(by_variant.items()):
             ks = sorted(by_k)
             values = [np.array([r[key] for r in by_k[k]], dtype=float) for k in ks]
             mean = np.array([v.mean() for v in values])
-            err = np.array([[m - v.min() for v, m in zip(values, mean)], [v.max() - m for v, m in zip(values, mean)]])
-            ax.errorbar(ks, mean, yerr=err, marker="o", capsize=3, label=variant)
+            lo = [min(r.get(f"{key}_ci95", [r[key]] * 2)[0] for r in by_k[k]) for k in ks]
+            hi = [max(r.get(f"{key}_ci95", [r[key]] * 2)[1] for r in by_k[k]) for k in ks]
+            lo, hi = np.minimum(lo, [v.min() for v in values]), np.maximum(hi, [v.max() for v in values])
+            ax.errorbar(ks, mean, yerr=np.array([mean - lo, hi - mean]), marker="o", capsize=3, label=variant)
+        for r in records:
+            if is_dense_only(r):
+                ax.axhline(r[key], color="grey", linestyle="--", label="MxD dense path only (no experts)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("K (active experts / latents per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    params = sorted({r["n_params"] for r in records})
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=8)
+    params = sorted({r["n_params"] for r in sparse or records})
     fig.suptitle(f"{records[0]['model']} layer {records[0]['layer']}: sparsity vs faithfulness "
                  f"({params[0]:,}–{params[-1]:,} parameters per layer, {records[0]['eval_tokens']:,} held-out tokens)")
     return _save(fig, out, "frontier")
+
+
+def plot_experts(records: list[dict], out: Path) -> list[Path] | None:
+    """What MxD's experts add, against K: the share of the reference's nmse they remove, and the
+    nmse of each eval-time ablation next to the full MxD and the dense-only reference."""
+    mxd = [r for r in records if r.get("experts_share") is not None]
+    if not mxd:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    by_variant = defaultdict(list)
+    for r, variant in zip(mxd, variant_labels(mxd)):
+        by_variant[variant].append(r)
+    for variant, rs in sorted(by_variant.items()):
+        rs = sorted(rs, key=lambda r: r["k"])
+        ks = [r["k"] for r in rs]
+        left.plot(ks, [r["experts_share"] for r in rs], marker="o", label=variant)
+        line = right.plot(ks, [r["nmse"] for r in rs], marker="o", label=f"{variant}: full")[0]
+        for style, name in zip((":", "-.", (0, (1, 3))), ABLATIONS):
+            right.plot(ks, [r["ablations"][name]["nmse"] for r in rs], linestyle=style, marker=".",
+                       color=line.get_color(), label=f"{variant}: {name.replace('_', ' ')}")
+    for r in records:
+        if is_dense_only(r):
+            right.axhline(r["nmse"], color="grey", linestyle="--", label="dense path only (trained, no experts)")
+    reference = mxd[0].get("experts_share_reference")
+    left.set_ylabel("share of the reference's nmse the experts remove")
+    left.set_title(f"reference: {'the dense-only MxD run' if reference != 'mean_routing' else 'mean routing'}")
+    right.set_ylabel("nmse")
+    right.set_title("eval-time ablations")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("K")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "experts")
 
 
 def plot_training(records: list[dict], out: Path) -> list[Path] | None:
@@ -147,10 +200,17 @@ def plot_firing(records: list[dict], out: Path) -> list[Path]:
     """Histogram of log10 firing frequency per run, with the never-firing share in the legend."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in records:
+        if not r["n_latents"]:
+            continue
         f = r["firing"]
         centres = (np.array(f["log10_edges"][:-1]) + np.array(f["log10_edges"][1:])) / 2
         share = np.array(f["log10_counts"]) / r["n_latents"]
-        ax.plot(centres, share, marker=".", label=f"{Path(r['run']).name} (dead {100 * r['dead']:.0f}%)")
+        ax.plot(centres, share, marker=".", label=f"{Path(r['run']).name} (dead {100 * r['dead']:.0f}%, "
+                                                  f"{r.get('always_on_slots', 0):.1f} always-on slots)")
+    for rate, name in ((DENSE_RATE, "dense"), (ALWAYS_ON_RATE, "always on")):
+        ax.axvline(np.log10(rate), color="grey", linestyle=":")
+        ax.annotate(f"{name} (> {rate:.0%})", (np.log10(rate), 1), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=7)
     ax.set_xlabel("log10 firing frequency (share of tokens)")
     ax.set_ylabel("share of latents")
     ax.grid(alpha=0.3)
@@ -164,11 +224,16 @@ def write_report(cfg: ReportConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     figures = [("Sparsity-accuracy frontier", plot_frontier(records, out)),
+               ("What the experts add", plot_experts(records, out)),
                ("Training", plot_training(records, out)), ("Expert firing", plot_firing(records, out))]
     r0 = records[0]
     lines = [f"# {cfg.title}", "",
              f"Model `{r0['model']}`, layer {r0['layer']}; {r0['eval_tokens']:,} held-out tokens ({r0['eval_split']} split), "
-             f"model in {r0['eval_dtype']}. Metrics as defined in DESIGN.md §3.", "", markdown_table(records), ""]
+             f"model in {r0['eval_dtype']}. Metrics as defined in docs/metrics.md of the mxd repository.", "",
+             markdown_table(records), ""]
+    experts = experts_table(records)
+    if experts:
+        lines += [EXPERTS_CAPTION, "", experts, ""]
     ranks = [r for r in records if r.get("expert_rank")]
     if ranks:
         lines += ["Normalised rank of MxD experts (sampled): " + ", ".join(

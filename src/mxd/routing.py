@@ -38,9 +38,17 @@ class FlatRouter(nn.Linear):
         return topk_linear(x, self.weight, self.bias, k, self.selection_bias, self.rectify)
 
     @torch.no_grad()
-    def balance_(self, counts: Tensor, rate: float) -> None:
-        """β_n += rate · sign(mean load − load_n), from `counts` [N], how often each expert was chosen."""
-        self.selection_bias.add_(torch.sign(counts.float().mean() - counts.float()), alpha=rate)
+    def balance_(self, counts: Tensor, rate: float, cap: float = 0.0, tokens: int = 0, dead: Tensor | None = None) -> None:
+        """Move β from `counts` [N], how often each expert was chosen among `tokens` tokens.
+
+        cap = 0: β_n += rate · sign(mean load − load_n), toward equal load. cap > 0: only experts
+        chosen on more than `cap` of the tokens are pushed down, and the `dead` ones ([N] bool) up.
+        """
+        if not cap:
+            self.selection_bias.add_(torch.sign(counts.float().mean() - counts.float()), alpha=rate)
+            return
+        step = dead.float() if dead is not None else torch.zeros_like(self.selection_bias)
+        self.selection_bias.add_(step - (counts.float() > cap * tokens).float(), alpha=rate)
 
     def logits(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """logits of the given experts (default all): [B, d_in] -> [B, n]."""

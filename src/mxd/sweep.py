@@ -24,11 +24,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mxd.activations import ActivationCache
-from mxd.evaluate import EVAL_FILE, EvalConfig, evaluate_runs, markdown_table, write_results
+from mxd.evaluate import EVAL_FILE, FRONTIER, EvalConfig, evaluate_runs, markdown_table, write_results
 from mxd.runs import SiteOptions, read_run
 from mxd.train import METHODS, Trainer, TrainConfig, method_spec
-
-FRONTIER = "frontier.json"
 
 
 @dataclass

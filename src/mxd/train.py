@@ -48,8 +48,10 @@ PLACEMENTS = ("replicate", "spread")
 # MxD forms (docs/training.md): the paper's exact one, and the default, whose shared modulator c0 takes the
 # token-independent part of the modulation, while balanced, signed routing spreads the K slots over the experts
 MXD_VARIANTS = {
-    "paper": {"shared_modulator": False, "linear_modulation": False, "balance_rate": 0.0, "coefficients": "relu"},
-    "balanced": {"shared_modulator": True, "linear_modulation": False, "balance_rate": 1e-3, "coefficients": "signed"},
+    "paper": {"shared_modulator": False, "linear_modulation": False, "balance_rate": 0.0, "balance_cap": 0.0,
+              "coefficients": "relu", "modulator_init": "uniform"},
+    "balanced": {"shared_modulator": True, "linear_modulation": False, "balance_rate": 1e-3, "balance_cap": 0.0,
+                 "coefficients": "signed", "modulator_init": "uniform"},
 }
 DEFAULT_VARIANT = "balanced"
 # sweep methods: a layer kind, or an MxD variant (method name -> (kind, variant))
@@ -62,8 +64,7 @@ def method_spec(spec: "LayerSpec", method: str) -> "LayerSpec":
     kind, variant = METHODS[method]
     if variant is None:
         return replace(spec, kind=kind)
-    return replace(spec, kind=kind, variant=variant, shared_modulator=None, linear_modulation=None, balance_rate=None,
-                   coefficients=None)
+    return replace(spec, kind=kind, variant=variant, **{name: None for name in MXD_VARIANTS[variant]})
 
 
 def method_name(sparse: dict) -> str:
@@ -90,8 +91,10 @@ class LayerSpec:
     that every token uses besides its K experts (None: the variant's); linear_modulation: MxD's dense
     input-dependent modulation W_m x, its d_in x d_out parameters paid for with experts (None: the
     variant's); balance_rate: per-step move of the flat MxD router's selection bias that evens out
-    expert load, 0 off (None: the variant's); coefficients: MxD expert coefficients, relu (the
+    expert load, 0 off (None: the variant's); balance_cap: 0 to balance toward equal load, or a
+    share of tokens above which an expert is pushed down (dead ones pushed up) (None: the variant's); coefficients: MxD expert coefficients, relu (the
     paper's) or signed (the chosen router logits, so every chosen expert contributes) (None: the
+    variant's); modulator_init: MxD modulator init, uniform (the paper's) or zero (None: the
     variant's); decoder_init: transcoder decoder init, zero or uniform
     """
 
@@ -109,7 +112,9 @@ class LayerSpec:
     shared_modulator: bool | None = None
     linear_modulation: bool | None = None
     balance_rate: float | None = None
+    balance_cap: float | None = None
     coefficients: str | None = None
+    modulator_init: str | None = None
     decoder_init: str = "zero"
 
     def __post_init__(self):
@@ -145,7 +150,8 @@ class LayerSpec:
                                  unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std,
                                  router=self.router, router_candidates=self.router_candidates, shared_modulator=shared,
                                  linear_modulation=form["linear_modulation"], balance_rate=balance_rate,
-                                 coefficients=form["coefficients"]))
+                                 balance_cap=form["balance_cap"],
+                                 coefficients=form["coefficients"], modulator_init=form["modulator_init"]))
         if self.kind == "skip_transcoder":
             config = TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), self.k, sparsity=self.sparsity,
                                       unit_norm_decoder=self.unit_norm, decoder_init=self.decoder_init)
@@ -575,7 +581,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.layer.normalize_weights_()
-        self.layer.balance_(chosen)
+        self.layer.balance_(chosen, int(n.item()), dead)
         self.last_fired[fired > 0] = tokens_seen
         return {"loss": loss_all, "nmse": err_all / max(sq.item(), 1e-12), "l0": active_all / n.item(),
                 "dead": dead.float().mean().item() if tokens_seen > cfg.dead_window else None}
