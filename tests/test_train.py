@@ -66,7 +66,9 @@ def test_mxd_is_sized_from_the_host_mlp(caches, tmp_path):
     layer = Trainer(_cfg(caches, tmp_path / "run"), progress=False).layer
     # tiny Llama: d = 32, SwiGLU width 64; matched to a transcoder of width 4 * 32
     assert layer.config.glu and layer.config.activation == "silu" and layer.config.d_hidden == 64
-    assert layer.config.n_experts == mxd.match_n_experts(32, 32, 64, 128, glu=True)
+    # the default form's c0 and W_m are paid for with experts: the same budget as the transcoder
+    assert layer.config.n_experts == mxd.match_n_experts(32, 32, 64, 128, glu=True, extra=32 + 32 * 32)
+    assert abs(layer.param_count() - mxd.TranscoderConfig(32, 32, 128, 1).param_count()) <= 65 / 2
 
 
 def _final_weights(run):
@@ -321,3 +323,73 @@ def test_torchrun_batch_that_does_not_divide_is_refused(caches, tmp_path):
     assert "mxd train: error: batch_tokens=255 does not divide across 2 ranks" in result.stderr
     assert "Traceback" not in result.stderr.split("mxd train: error")[0].split("\n")[-1]
     assert not (tmp_path / "run").exists()
+
+
+# --- the recipe: data init, width-scaled learning rates, AuxK, signum, balancing, dead "n/a" ----
+
+
+def test_data_init_sets_the_biases_from_the_first_batch(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", train_tokens=256, sparse=LayerSpec(kind="transcoder", k=4, expansion=4))
+    trainer = Trainer(cfg, progress=False)
+    x, y = next(trainer._batches())
+    seen = []
+    original = trainer.layer.init_from_means_
+    trainer.layer.init_from_means_ = lambda mx, my: seen.append((mx, my)) or original(mx, my)
+    trainer.train()
+    (mean_x, mean_y), = seen
+    torch.testing.assert_close(mean_x, x.float().mean(0))
+    torch.testing.assert_close(mean_y, y.float().mean(0))
+    fresh = Trainer(_cfg(caches, tmp_path / "no-init", train_tokens=256, data_init=False,
+                         sparse=LayerSpec(kind="transcoder", k=4, expansion=4)), progress=False)
+    fresh.layer.init_from_means_ = lambda *a: pytest.fail("data_init=False must not initialise from data")
+    fresh.train()
+
+
+def test_learning_rate_defaults_scale_with_width_and_lr_scale_multiplies(caches, tmp_path):
+    runs = iter(range(100))
+
+    def lr(**kw):
+        return Trainer(_cfg(caches, tmp_path / f"run{next(runs)}", **kw), progress=False).lr
+
+    width = 4 * 32  # expansion 4 of d = 32
+    tc = LayerSpec(kind="transcoder", k=4, expansion=4)
+    assert lr(sparse=tc, optim=OptimConfig()) == pytest.approx(2e-4 / (width / 2**14) ** 0.5)
+    assert lr(sparse=tc, optim=OptimConfig(optimizer="signum")) == pytest.approx(5e-3 / (width / 2**14) ** 0.5)
+    assert lr(optim=OptimConfig()) == pytest.approx(3e-3)  # MxD
+    assert lr(optim=OptimConfig(lr=1e-2, lr_scale=0.5)) == pytest.approx(5e-3)
+
+
+def test_signum_trains_and_saves_the_averaged_point(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", train_tokens=40 * 256, eval_every=20,
+               sparse=LayerSpec(kind="transcoder", k=4, expansion=4),
+               optim=OptimConfig(optimizer="signum", decay="constant", warmup_steps=0))
+    trainer = Trainer(cfg, progress=False)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_nmse"] for r in records if "val_nmse" in r]
+    assert val[-1] < 0.9 * val[0] or val[-1] < 0.5
+    trainer.opt.eval()  # the averaged point x is what final/ holds
+    final = _final_weights(tmp_path / "run")
+    for name, p in trainer.layer.state_dict().items():
+        torch.testing.assert_close(final[name], p)
+
+
+def test_aux_k_defaults_to_half_the_output_width_and_dead_reads_na_before_the_window(caches, tmp_path):
+    cfg = _cfg(caches, tmp_path / "run", train_tokens=20 * 256, dead_window=10 * 256)
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.aux_k == 16 and Trainer(_cfg(caches, tmp_path / "off", aux_k=0), progress=False).aux_k == 0
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dead = {r["step"]: r["dead"] for r in records if "loss" in r}
+    assert dead[5] is None and dead[10] is None and isinstance(dead[15], float)  # window: 10 steps of 256 tokens
+
+
+def test_balancing_spreads_the_load_during_training(caches, tmp_path):
+    balanced = LayerSpec(kind="mxd", k=4, expansion=4, balance_rate=0.05)
+    trainer = Trainer(_cfg(caches, tmp_path / "run", train_tokens=60 * 256, sparse=balanced), progress=False)
+    layer = trainer.train()
+    beta = layer.router.selection_bias
+    assert beta.abs().max() > 0 and beta.std() > 0  # moved, differently per expert
+    assert mxd.load(tmp_path / "run" / "final").router.selection_bias.equal(beta)  # saved with the layer
+    with pytest.raises(ValueError, match="variant='newest' is invalid: valid values are paper, balanced"):
+        LayerSpec(variant="newest")

@@ -71,12 +71,12 @@ class OptimConfig:
 
 
 def default_lr(optimizer: str, kind: str, n_latents: int) -> float:
-    """The learning rate used when none is given: MxD 1e-3 with Adam; transcoders scaled with
+    """The learning rate used when none is given: MxD 3e-3 with Adam; transcoders scaled with
     width as sparsify does, 5e-3 / √(M / 2^14) with signum and 2e-4 / √(M / 2^14) with Adam."""
     if optimizer == "signum":
         return 5e-3 / math.sqrt(max(n_latents, 1) / 2**14)
     if kind == "mxd":
-        return 1e-3
+        return 3e-3
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 

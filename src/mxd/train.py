@@ -45,12 +45,12 @@ from mxd.tracking import MetricsLogger, check_trackers
 KINDS = ("mxd", "transcoder", "skip_transcoder")
 LOSSES = ("nmse", "token_nmse")
 PLACEMENTS = ("replicate", "spread")
-# MxD forms (docs/training.md): the paper's exact one, and the default, whose shared modulator c0 takes the
-# token-independent part of the modulation, while balanced, signed routing spreads the K slots over the experts
+# MxD forms (docs/training.md): the paper's exact one, and the default, whose dense modulation c0 + W_m x takes
+# what always-on experts did, while balanced, signed routing spreads the K slots over the experts
 MXD_VARIANTS = {
     "paper": {"shared_modulator": False, "linear_modulation": False, "balance_rate": 0.0, "balance_cap": 0.0,
               "coefficients": "relu", "modulator_init": "uniform"},
-    "balanced": {"shared_modulator": True, "linear_modulation": False, "balance_rate": 1e-3, "balance_cap": 0.0,
+    "balanced": {"shared_modulator": True, "linear_modulation": True, "balance_rate": 1e-2, "balance_cap": 0.0,
                  "coefficients": "signed", "modulator_init": "uniform"},
 }
 DEFAULT_VARIANT = "balanced"
