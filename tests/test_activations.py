@@ -136,7 +136,7 @@ def test_mismatched_cache_fails_clearly(tiny_model_dir, text_dir, tmp_path):
     (dict(chunk_tokens=100), "chunk_tokens=100 is invalid: must be a multiple of context_len=32"),
     (dict(dtype="fp16"), "dtype='fp16' is invalid: valid values are fp32, bf16"),
     (dict(layers=[]), r"layers=\[\] is invalid"),
-    (dict(split="test"), "split='test' is invalid"),
+    (dict(split="holdout"), "split='holdout' is invalid"),
 ])
 def test_bad_harvest_config(tiny_model_dir, text_dir, tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):

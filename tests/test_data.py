@@ -169,8 +169,8 @@ def test_max_documents_caps_the_source_before_the_split(tmp_path):
 
 
 def test_unknown_split_is_rejected():
-    with pytest.raises(ValueError, match="split='test'"):
-        iter_documents(DataConfig(), "test")
+    with pytest.raises(ValueError, match="split='holdout' is invalid: valid values are 'train', 'validation', 'test'"):
+        iter_documents(DataConfig(), "holdout")
 
 
 # ---------------------------------------------------------------- local files
@@ -323,3 +323,19 @@ def test_builtin_corpus_token_counts_with_the_smollm2_tokenizer():
     assert total >= 2_000_000
     blocks = load_blocks(DataConfig("builtin", context_len=128), tok, "validation", max_tokens=128 * 100)
     assert blocks.shape == (100, 128)
+
+
+def test_test_fraction_holds_out_a_third_split(tmp_path):
+    docs = [f"document number {i} with some text." for i in range(200)]
+    path = tmp_path / "a.txt"
+    path.write_text("\n\n".join(docs))
+    config = DataConfig(str(path), validation_fraction=0.2, test_fraction=0.3)
+    splits = {s: list(iter_documents(config, s)) for s in ("train", "validation", "test")}
+    assert sorted(sum(splits.values(), [])) == sorted(docs)  # a partition
+    assert 20 < len(splits["validation"]) < 60 and 40 < len(splits["test"]) < 80
+    no_test = DataConfig(str(path), validation_fraction=0.2)  # test_fraction 0 keeps the old two splits
+    assert list(iter_documents(no_test, "validation")) == splits["validation"]
+    assert sorted(iter_documents(no_test, "train")) == sorted(splits["train"] + splits["test"])
+    assert list(iter_documents(no_test, "test")) == []
+    with pytest.raises(ValueError, match="test_fraction=0.9 is invalid: must be in \\[0, 1 - validation_fraction\\)"):
+        DataConfig(str(path), validation_fraction=0.2, test_fraction=0.9)

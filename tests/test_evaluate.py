@@ -67,11 +67,11 @@ def _hand_metrics(model_dir, text_dir, layer):
         ce_mean, _ = mean_ce(lambda h: y.mean(0).expand_as(h))
     err = (y_hat - y).pow(2).sum().item()
     return {"nmse": err / y.pow(2).sum().item(), "fvu": err / (y - y.mean(0)).pow(2).sum().item(),
-            "l0": (codes.values > 0).sum(-1).float().mean().item(), "ce_base": ce_base, "ce_spliced": ce_spliced,
+            "l0": (codes.values != 0).sum(-1).float().mean().item(), "ce_base": ce_base, "ce_spliced": ce_spliced,
             "ce_zero": ce_zero, "ce_mean_ablation": ce_mean, "delta_ce": ce_spliced - ce_base,
             "ce_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_base),
             "kl": (lp_base.exp() * (lp_base - lp_spliced)).sum(-1).mean().item(),
-            "dead": 1 - codes.indices[codes.values > 0].unique().numel() / layer.n_latents}
+            "dead": 1 - codes.indices[codes.values != 0].unique().numel() / layer.n_latents}
 
 
 def test_metrics_match_a_hand_computation(cache, tiny_model_dir, text_dir, tmp_path):

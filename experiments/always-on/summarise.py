@@ -16,4 +16,3 @@ print("|---|---|" + "---|" * len(KEYS))
 for r in rows:
     cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in KEYS]
     print(f"| {r['run']} | {r['tokens']:,} | " + " | ".join(cells) + " |")
-print(json.dumps(rows) if "--json" in sys.argv else "", end="")

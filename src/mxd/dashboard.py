@@ -183,7 +183,7 @@ def expert_cards(cfg: InspectConfig) -> tuple[list[ExpertCard], dict]:
     flat_expert = indices.flatten().numpy()
     flat_value = values.flatten().numpy()
     flat_token = np.repeat(np.arange(n_tokens), k)
-    live = flat_value > 0
+    live = flat_value != 0  # fired (signed MxD coefficients may be negative)
     flat_expert, flat_value, flat_token = flat_expert[live], flat_value[live], flat_token[live]
     order = np.lexsort((-flat_value, flat_expert))
     flat_expert, flat_value, flat_token = flat_expert[order], flat_value[order], flat_token[order]
@@ -214,7 +214,8 @@ def expert_cards(cfg: InspectConfig) -> tuple[list[ExpertCard], dict]:
             index=e,
             frequency=counts[e] / n_tokens,
             max_activation=top,
-            histogram=np.histogram(e_values, bins=cfg.bins, range=(0, max(top, 1e-6)))[0].tolist(),
+            histogram=np.histogram(e_values, bins=cfg.bins,
+                                   range=(min(float(e_values[-1]), 0.0) if fired else 0.0, max(top, 1e-6)))[0].tolist(),
             contexts=contexts,
             promoted=[(text(i), v) for v, i in zip(up[row].tolist(), up_ids[row].tolist())] if fired else [],
             suppressed=[(text(i), -v) for v, i in zip(down[row].tolist(), down_ids[row].tolist())] if fired else [],
