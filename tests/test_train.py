@@ -353,10 +353,13 @@ def test_learning_rate_defaults_scale_with_width_and_lr_scale_multiplies(caches,
 
     width = 4 * 32  # expansion 4 of d = 32
     tc = LayerSpec(kind="transcoder", k=4, expansion=4)
-    assert lr(sparse=tc, optim=OptimConfig()) == pytest.approx(2e-4 / (width / 2**14) ** 0.5)
-    assert lr(sparse=tc, optim=OptimConfig(optimizer="signum")) == pytest.approx(5e-3 / (width / 2**14) ** 0.5)
+    assert lr(sparse=tc, optim=OptimConfig(optimizer="adam")) == pytest.approx(2e-4 / (width / 2**14) ** 0.5)
+    assert lr(sparse=tc, optim=OptimConfig()) == pytest.approx(5e-3 / (width / 2**14) ** 0.5)  # signum
     assert lr(optim=OptimConfig()) == pytest.approx(3e-3)  # MxD
     assert lr(optim=OptimConfig(lr=1e-2, lr_scale=0.5)) == pytest.approx(5e-3)
+    assert OptimConfig().resolved("transcoder") == OptimConfig(optimizer="signum", warmup_steps=0, decay="constant")
+    assert OptimConfig().resolved("mxd") == OptimConfig(optimizer="adam", warmup_steps=100, decay="linear")
+    assert OptimConfig(optimizer="signum", warmup_steps=5).resolved("mxd").warmup_steps == 5  # given values stay
 
 
 def test_signum_trains_and_saves_the_averaged_point(caches, tmp_path):

@@ -26,7 +26,8 @@ class DemoConfig:
     out: folder for caches and runs; model: embedded name, folder or Hub id; layer: the MLP to
     decompose; source: text source; train_tokens: tokens harvested and trained on (one epoch);
     val_tokens: held-out tokens (validation and evaluation); k: active experts/latents; expansion: parameter budget, a
-    transcoder of width expansion x d; batch_tokens: tokens per step; lr: peak learning rate
+    transcoder of width expansion x d; batch_tokens: tokens per step; lr: peak learning rate (None:
+    each method's default, see docs/training.md)
     """
 
     out: str = "runs/demo"
@@ -38,7 +39,7 @@ class DemoConfig:
     k: int = 32
     expansion: int = 16
     batch_tokens: int = 1024
-    lr: float = 1e-3
+    lr: float | None = None
 
 
 def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
@@ -57,7 +58,7 @@ def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
         out=str(out), cache=caches["train"], val_cache=caches["validation"], train_tokens=cfg.train_tokens,
         batch_tokens=cfg.batch_tokens, autocast="bf16", eval_every=100, val_tokens=cfg.val_tokens,
         sparse=LayerSpec(k=cfg.k, expansion=cfg.expansion),
-        optim=OptimConfig(lr=cfg.lr, warmup_steps=min(100, cfg.train_tokens // cfg.batch_tokens // 10)),
+        optim=OptimConfig(lr=cfg.lr),
     )
     sweep = SweepConfig(train=train, methods=["mxd", "transcoder"], eval=EvalConfig(eval_tokens=cfg.val_tokens))
     records = run_sweep(sweep)

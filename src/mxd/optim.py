@@ -12,7 +12,7 @@ that is evaluated and saved, `train()` moves them back.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
@@ -26,29 +26,31 @@ DECAYS = ("constant", "linear", "cosine")
 class OptimConfig:
     """Optimiser and learning-rate schedule.
 
-    optimizer: adam, adamw or signum (sign-SGD inside schedule-free, sparsify's recipe);
-    lr: peak learning rate (None: the method's default, scaled with its width; see docs/training.md);
-    lr_scale: multiplier of that learning rate (a sweep's learning-rate grid sets it);
-    beta1, beta2: Adam betas; weight_decay: AdamW's; grad_clip: max gradient norm (0: off);
-    warmup_steps: linear warm-up from 0; decay: constant, linear or cosine after warm-up, down to
-    min_lr_ratio x lr at the last step (signum is schedule-free: use constant)
+    optimizer: adam, adamw or signum (sign-SGD inside schedule-free, sparsify's recipe) (None: the
+    method's default, signum for transcoders and adam for MxD); lr: peak learning rate (None: the
+    method's default, scaled with its width, see docs/training.md); lr_scale: multiplier of that
+    learning rate (a sweep's learning-rate grid sets it); beta1, beta2: Adam betas; weight_decay:
+    AdamW's; grad_clip: max gradient norm (0: off); warmup_steps: linear warm-up from 0 (None: 0
+    with signum, 100 otherwise); decay: constant, linear or cosine after warm-up, down to
+    min_lr_ratio x lr at the last step (None: constant with signum, which is schedule-free, linear
+    otherwise)
     """
 
-    optimizer: str = "adam"
+    optimizer: str | None = None
     lr: float | None = None
     lr_scale: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    warmup_steps: int = 100
-    decay: str = "linear"
+    warmup_steps: int | None = None
+    decay: str | None = None
     min_lr_ratio: float = 0.0
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is invalid: valid values are {', '.join(OPTIMIZERS)}")
-        if self.decay not in DECAYS:
+        if self.decay is not None and self.decay not in DECAYS:
             raise ValueError(f"decay={self.decay!r} is invalid: valid values are {', '.join(DECAYS)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr} is invalid: must be > 0 (or None for the method's default)")
@@ -58,8 +60,16 @@ class OptimConfig:
             raise ValueError(f"grad_clip={self.grad_clip} is invalid: must be >= 0 (0: off)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} is invalid: must be in [0, 1]")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} is invalid: must be >= 0")
+
+    def resolved(self, kind: str) -> "OptimConfig":
+        """This config with the method's defaults in place of None (the learning rate aside, which
+        depends on the layer's width: `default_lr`)."""
+        optimizer = self.optimizer or ("adam" if kind == "mxd" else "signum")
+        signum = optimizer == "signum"
+        return replace(self, optimizer=optimizer, warmup_steps=(0 if signum else 100) if self.warmup_steps is None else
+                       self.warmup_steps, decay=self.decay or ("constant" if signum else "linear"))
 
     def lr_factor(self, step: int, total: int) -> float:
         """Multiplier of lr at optimiser step `step` (0-based) of `total`."""

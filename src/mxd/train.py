@@ -359,13 +359,13 @@ class Trainer:
         self._prepare_out()
         torch.manual_seed(config.seed)
         self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
-        lr = config.optim.lr or default_lr(config.optim.optimizer, config.sparse.kind, self.layer.n_latents)
-        self.lr = lr * config.optim.lr_scale
+        self.optim = optim = config.optim.resolved(config.sparse.kind)
+        self.lr = (optim.lr or default_lr(optim.optimizer, config.sparse.kind, self.layer.n_latents)) * optim.lr_scale
         self.aux_k = d_out // 2 if config.aux_k is None else config.aux_k
-        self.opt = make_optimizer(config.optim, self.layer.parameters(), self.lr)
+        self.opt = make_optimizer(optim, self.layer.parameters(), self.lr)
         self.schedule_free = hasattr(self.opt, "eval")  # its parameters hold the training point; eval() swaps in the average
         self.sched = torch.optim.lr_scheduler.LambdaLR(getattr(self.opt, "base", self.opt),
-                                                       lambda s: config.optim.lr_factor(s, config.steps))
+                                                       lambda s: optim.lr_factor(s, config.steps))
         self.step = 0
         self.best_val = math.inf
         self.last_fired = torch.zeros(self.layer.n_latents, dtype=torch.long, device=self.device)  # tokens seen at last firing
@@ -576,8 +576,8 @@ class Trainer:
         if self.sync:
             self._sum_gradients()
         self.layer.project_gradients_()
-        if cfg.optim.grad_clip:
-            _clip_grad_norm_(self.layer, cfg.optim.grad_clip)
+        if self.optim.grad_clip:
+            _clip_grad_norm_(self.layer, self.optim.grad_clip)
         self.opt.step()
         self.sched.step()
         self.layer.normalize_weights_()
