@@ -26,7 +26,7 @@ class DemoConfig:
     out: folder for caches and runs; model: embedded name, folder or Hub id; layer: the MLP to
     decompose; source: text source; train_tokens: tokens harvested and trained on (one epoch);
     val_tokens: held-out tokens (validation and evaluation); k: active experts/latents; expansion: parameter budget, a
-    transcoder of width expansion x d; batch_tokens: tokens per step; lr: peak learning rate (None:
+    transcoder of width expansion x d; batch_tokens: tokens per step (None: each method's default); lr: peak learning rate (None:
     each method's default, see docs/training.md)
     """
 
@@ -38,7 +38,7 @@ class DemoConfig:
     val_tokens: int = 40_960
     k: int = 32
     expansion: int = 16
-    batch_tokens: int = 1024
+    batch_tokens: int | None = None
     lr: float | None = None
 
 

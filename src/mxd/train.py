@@ -45,6 +45,7 @@ from mxd.tracking import MetricsLogger, check_trackers
 KINDS = ("mxd", "transcoder", "skip_transcoder")
 LOSSES = ("nmse", "token_nmse")
 PLACEMENTS = ("replicate", "spread")
+DEFAULT_BATCH_TOKENS = {"mxd": 1024, "transcoder": 4096, "skip_transcoder": 4096}  # measured: docs/training.md
 # MxD forms (docs/training.md): the paper's exact one, and the default, whose dense modulation c0 + W_m x takes
 # what always-on experts did, while balanced, signed routing spreads the K slots over the experts
 MXD_VARIANTS = {
@@ -174,7 +175,8 @@ class TrainConfig:
     ks: one run per K in this list (instead of k); placement: under torchrun, replicate (every rank
     takes an equal share of every batch and gradients are summed across ranks) or spread (run i
     trains alone on rank i mod world size); train_tokens: training budget per run (epochs over the
-    data as needed); batch_tokens: tokens per optimiser step, over all ranks; seed: layer init and
+    data as needed); batch_tokens: tokens per optimiser step, over all ranks (None: the method's
+    default, 1,024 for MxD and 4,096 for transcoders as in sparsify, see docs/training.md); seed: layer init and
     data order; autocast: none or bf16; loss: nmse (sum of squared errors / sum of squared targets,
     per batch) or token_nmse (the paper's per-token squared error / target norm, averaged);
     eval_every: steps between validations; val_tokens: held-out tokens per validation (streamed
@@ -201,7 +203,7 @@ class TrainConfig:
     ks: list[int] | None = None
     placement: str = "replicate"
     train_tokens: int = 1_000_000
-    batch_tokens: int = 1024
+    batch_tokens: int | None = None
     seed: int = 0
     autocast: str = "none"
     loss: str = "nmse"
@@ -244,19 +246,26 @@ class TrainConfig:
             if values is not None and (not values or len(set(values)) != len(values) or min(values) < least):
                 raise ValueError(f"{name}={values} is invalid: give distinct values >= {least}")
         check_trackers(self.log_to)
-        check_at_least(self, 1, "batch_tokens", "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window",
+        if self.batch_tokens is not None:
+            check_at_least(self, 1, "batch_tokens")
+        check_at_least(self, 1, "eval_every", "checkpoint_every", "keep_last", "log_every", "dead_window",
                        "buffer_tokens")
         if self.aux_k is not None and self.aux_k < 0:
             raise ValueError(f"aux_k={self.aux_k} is invalid: must be >= 0 (0: off) or None (d_out // 2)")
         for name in ("aux_coef", "balance_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 0")
-        if self.train_tokens < self.batch_tokens:
-            raise ValueError(f"train_tokens={self.train_tokens} is too small for one step of batch_tokens={self.batch_tokens}")
+        if self.train_tokens < (self.batch_tokens or DEFAULT_BATCH_TOKENS[self.sparse.kind]):
+            raise ValueError(f"train_tokens={self.train_tokens} is too small for one step of "
+                             f"batch_tokens={self.batch_tokens or DEFAULT_BATCH_TOKENS[self.sparse.kind]}")
 
     @property
     def steps(self) -> int:
         return self.train_tokens // self.batch_tokens
+
+    def with_method_defaults(self) -> TrainConfig:
+        """This config with batch_tokens resolved for its layer kind."""
+        return replace(self, batch_tokens=self.batch_tokens or DEFAULT_BATCH_TOKENS[self.sparse.kind])
 
     def runs(self) -> list[TrainConfig]:
         """One config per (layer, K): this config itself when it names a single run."""
@@ -341,7 +350,7 @@ class Trainer:
                  model=None, tokenizer=None):
         if len(config.runs()) > 1:
             raise ValueError(f"the config names {len(config.runs())} runs (layers x ks); train them with train_runs")
-        self.cfg = config
+        self.cfg = config = config.with_method_defaults()
         self.progress = progress
         rank, world = rank_and_world()
         self.sync = world > 1 and distributed is not False
