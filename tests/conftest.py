@@ -16,6 +16,8 @@ LAYER_KINDS = {
     "mxd_shared_balanced": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, shared_modulator=True, balance_rate=0.1)),
     "mxd_linear_modulation": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, shared_modulator=True, linear_modulation=True)),
     "mxd_signed": lambda: MxD(MxDConfig(12, 10, 16, 40, 5, shared_modulator=True, coefficients="signed", balance_rate=0.1)),
+    "mxd_product_key_balanced": lambda: MxD(MxDConfig(12, 10, 16, 48, 5, router="product_key", balance_rate=0.1,
+                                                      coefficients="signed", shared_modulator=True)),
     "mxd_dense_only": lambda: MxD(MxDConfig(12, 10, 16, n_experts=0, k=0, shared_modulator=True)),
     "transcoder": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=6)),
     "transcoder_l1": lambda: Transcoder(TranscoderConfig(12, 10, width=48, k=1, sparsity="l1")),

@@ -365,7 +365,7 @@ def test_shared_modulator_and_the_dense_only_reference():
     with pytest.raises(ValueError, match="balance_rate=-1"):
         MxDConfig(12, 10, 16, 40, 5, balance_rate=-1)
     with pytest.raises(ValueError, match="flat router only"):
-        MxDConfig(12, 10, 16, 49, 5, router="product_key", balance_rate=0.1)
+        MxDConfig(12, 10, 16, 49, 5, router="product_key", balance_rate=0.1, balance_cap=0.5)
 
 
 def test_ablations_of_an_mxd():

@@ -96,3 +96,14 @@ def test_fewer_candidates_are_approximate_but_keep_k_experts():
     assert (values.sum(-1) <= exact_values.sum(-1) + 1e-5).all()  # never better than exact
     assert (values.sum(-1) < exact_values.sum(-1) - 1e-5).any()   # and here sometimes worse
     assert router.flops_per_token(8) == 2 * 32 * 8 + 8 * 8
+
+
+def test_balanced_product_key_router_moves_row_and_column_biases():
+    layer = MxD(MxDConfig(12, 10, 16, n_experts=6, k=2, router="product_key", balance_rate=0.5, coefficients="signed",
+                          shared_modulator=True))
+    router = layer.router  # a 2 x 3 grid
+    counts = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 2.0])  # row loads 4, 2; column loads 4, 0, 2
+    layer.balance_(counts, 3, torch.zeros(6, dtype=torch.bool))
+    torch.testing.assert_close(router.row_bias, torch.tensor([-0.5, 0.5]))
+    torch.testing.assert_close(router.col_bias, torch.tensor([-0.5, 0.5, 0.5]))
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0, 1.0]))

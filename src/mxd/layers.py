@@ -148,9 +148,9 @@ class MxDConfig(LayerConfig):
             raise ValueError(f"balance_cap={self.balance_cap} is invalid: must be in [0, 1) (0: toward equal load)")
         if not self.balance_rate >= 0:
             raise ValueError(f"balance_rate={self.balance_rate} is invalid: must be >= 0 (0: off)")
-        if self.balance_rate and self.router != "flat":
-            raise ValueError(f"balance_rate={self.balance_rate} is invalid with router={self.router!r}: "
-                             "selection-bias balancing is implemented for the flat router only (use 0)")
+        if self.balance_cap and self.router != "flat":
+            raise ValueError(f"balance_cap={self.balance_cap} is invalid with router={self.router!r}: bounded "
+                             "balancing is implemented for the flat router only (use 0: toward equal load)")
         if self.router == "product_key" and self.n_experts:
             product_grid(self.n_experts)  # raises for an N without a near-square factorisation
 
@@ -322,7 +322,8 @@ class MxD(SparseLayer):
         if c.n_experts and c.router == "flat":
             self.router = FlatRouter(c.d_in, c.n_experts, balanced=c.balance_rate > 0, rectify=rectify)  # W_r, b_r
         elif c.n_experts:
-            self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates, rectify=rectify)
+            self.router = ProductKeyRouter(c.d_in, c.n_experts, c.router_candidates, rectify=rectify,
+                                           balanced=c.balance_rate > 0)
         self.modulators = nn.Parameter(torch.empty(c.n_experts, c.d_out)) if c.n_experts else None  # Cᵀ: row n is c_n
         self.shared = nn.Parameter(torch.ones(c.d_out)) if c.shared_modulator else None  # c0
         self.linear = nn.Linear(c.d_in, c.d_out, bias=False) if c.linear_modulation else None  # W_m

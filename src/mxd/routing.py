@@ -78,10 +78,13 @@ class ProductKeyRouter(nn.Module):
     before the product is scored (0: K, which is exact; fewer, down to √K, is cheaper and approximate).
     """
 
-    def __init__(self, d_in: int, n_experts: int, candidates: int = 0, rectify: bool = True):
+    def __init__(self, d_in: int, n_experts: int, candidates: int = 0, rectify: bool = True, balanced: bool = False):
         super().__init__()
         self.rectify = rectify
         self.n_rows, self.n_cols = product_grid(n_experts)
+        # selection biases of the rows and columns (see FlatRouter): they steer which sub-keys are chosen, not the values
+        self.register_buffer("row_bias", torch.zeros(self.n_rows) if balanced else None)
+        self.register_buffer("col_bias", torch.zeros(self.n_cols) if balanced else None)
         self.candidates = candidates
         self.rows = nn.Linear(d_in, self.n_rows)
         self.cols = nn.Linear(d_in, self.n_cols)
@@ -93,13 +96,33 @@ class ProductKeyRouter(nn.Module):
     def topk(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """TopK_K(ReLU(logits)) from the candidates' product: values [B, K], indices [B, K]."""
         c = self._candidates(k)
-        r_val, r_idx = self.rows(x).topk(min(c, self.n_rows), dim=-1)  # [B, c_r]
-        s_val, s_idx = self.cols(x).topk(min(c, self.n_cols), dim=-1)  # [B, c_s]
-        scores = (r_val.unsqueeze(2) + s_val.unsqueeze(1)).flatten(1)  # [B, c_r · c_s]
-        values, pos = scores.topk(k, dim=-1)
+        r_logits, s_logits = self.rows(x), self.cols(x)  # [B, n_rows], [B, n_cols]
+        if self.row_bias is not None:  # choose by biased scores, weigh by the logits
+            _, r_idx = (r_logits + self.row_bias).topk(min(c, self.n_rows), dim=-1)
+            _, s_idx = (s_logits + self.col_bias).topk(min(c, self.n_cols), dim=-1)
+            r_sel, s_sel = r_logits.gather(1, r_idx) + self.row_bias[r_idx], s_logits.gather(1, s_idx) + self.col_bias[s_idx]
+        else:
+            r_sel, r_idx = r_logits.topk(min(c, self.n_rows), dim=-1)  # [B, c_r]
+            s_sel, s_idx = s_logits.topk(min(c, self.n_cols), dim=-1)  # [B, c_s]
+        scores = (r_sel.unsqueeze(2) + s_sel.unsqueeze(1)).flatten(1)  # [B, c_r · c_s]
+        _, pos = scores.topk(k, dim=-1)
         rows = r_idx.gather(1, pos // s_idx.shape[1])
         cols = s_idx.gather(1, pos % s_idx.shape[1])
+        values = r_logits.gather(1, rows) + s_logits.gather(1, cols)
         return values.relu() if self.rectify else values, rows * self.n_cols + cols
+
+    @property
+    def selection_bias(self) -> Tensor | None:
+        """The flat selection bias [N] the row and column biases imply (None when not balanced)."""
+        return None if self.row_bias is None else (self.row_bias.unsqueeze(1) + self.col_bias.unsqueeze(0)).flatten()
+
+    @torch.no_grad()
+    def balance_(self, counts: Tensor, rate: float, cap: float = 0.0, tokens: int = 0, dead: Tensor | None = None) -> None:
+        """Move the row and column biases toward equal load, from `counts` [N] (how often each expert
+        was chosen); `cap` is not supported here (0 only)."""
+        grid = counts.float().view(self.n_rows, self.n_cols)
+        for bias, load in ((self.row_bias, grid.sum(1)), (self.col_bias, grid.sum(0))):
+            bias.add_(torch.sign(load.mean() - load), alpha=rate)
 
     def logits(self, x: Tensor, experts: Tensor | None = None) -> Tensor:
         """logits of the given experts (default all N): [B, d_in] -> [B, n]."""

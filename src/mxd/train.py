@@ -146,12 +146,12 @@ class LayerSpec:
                 n = self.n_experts or match_n_experts(d_in, d_out, host["d_hidden"], width, glu=glu, extra=extra)
             if self.router == "product_key" and not self.n_experts:
                 n = round(math.sqrt(n)) ** 2
-            balance_rate = form["balance_rate"] if self.router == "flat" and n else 0.0
+            balance_rate = form["balance_rate"] if n else 0.0
             return MxD(MxDConfig(d_in, d_out, host["d_hidden"], n, self.k, activation=host["activation"], glu=glu,
                                  unit_norm_modulators=self.unit_norm, decoder_init_std=self.decoder_init_std,
                                  router=self.router, router_candidates=self.router_candidates, shared_modulator=shared,
                                  linear_modulation=form["linear_modulation"], balance_rate=balance_rate,
-                                 balance_cap=form["balance_cap"],
+                                 balance_cap=form["balance_cap"] if self.router == "flat" else 0.0,
                                  coefficients=form["coefficients"], modulator_init=form["modulator_init"]))
         if self.kind == "skip_transcoder":
             config = TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), self.k, sparsity=self.sparsity,
