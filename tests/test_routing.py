@@ -105,5 +105,5 @@ def test_balanced_product_key_router_moves_row_and_column_biases():
     counts = torch.tensor([4.0, 0.0, 0.0, 0.0, 0.0, 2.0])  # row loads 4, 2; column loads 4, 0, 2
     layer.balance_(counts, 3, torch.zeros(6, dtype=torch.bool))
     torch.testing.assert_close(router.row_bias, torch.tensor([-0.5, 0.5]))
-    torch.testing.assert_close(router.col_bias, torch.tensor([-0.5, 0.5, 0.5]))
-    torch.testing.assert_close(router.selection_bias, torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0, 1.0]))
+    torch.testing.assert_close(router.col_bias, torch.tensor([-0.5, 0.5, 0.0]))  # the column at the mean stays
+    torch.testing.assert_close(router.selection_bias, torch.tensor([-1.0, 0.0, -0.5, 0.0, 1.0, 0.5]))
