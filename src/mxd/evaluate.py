@@ -1,4 +1,4 @@
-"""Faithfulness of trained sparse layers on held-out text (metric names and definitions: DESIGN.md §3).
+"""Faithfulness of trained sparse layers on held-out text (metric names and definitions: docs/metrics.md).
 
     results = evaluate_runs([read_run("runs/mxd"), read_run("runs/transcoder")], EvalConfig())
 

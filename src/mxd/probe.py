@@ -1,4 +1,4 @@
-"""`mxd probe`: sparse probing of trained layers on labelled text tasks (DESIGN.md §4, SAEBench-style).
+"""`mxd probe`: sparse probing of trained layers on labelled text tasks (method: docs/reading-the-experts.md, SAEBench-style).
 
     rows = run_probe(ProbeConfig(runs=["runs/demo/mxd-k32-seed0", "runs/demo/transcoder-k32-seed0"], tasks=["sentiment"]))
 
