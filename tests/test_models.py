@@ -7,7 +7,7 @@ import torch
 from conftest import ALL_ARCHS, CORE_ARCHS, tiny_model
 
 from mxd import MxD, MxDConfig
-from mxd.models import find_mlp, host_mlp, load_model, mlp_activations, splice
+from mxd.models import SharedPrefix, find_mlp, host_mlp, load_model, mlp_activations, splice
 
 EXPECTED_PATHS = {
     "gpt2": "transformer.h.1.mlp",
@@ -151,3 +151,24 @@ def test_unknown_model_fails_clearly(tmp_path):
 def test_host_mlp_form(arch, expected):
     model = tiny_model(arch)
     assert host_mlp(model, find_mlp(model, 0)) == expected
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_shared_prefix_gives_the_logits_of_full_forwards(arch):
+    """Forwards that reuse blocks 0..L-1 of a captured forward equal full forwards, bit for bit,
+    also with a replaced MLP at or after L (GPT-NeoX: parallel residual)."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 256, (3, 16))
+    site = find_mlp(model, 2)
+    half = lambda x: 0.5 * x  # noqa: E731
+    for layer in (0, 1, 2):
+        prefix = SharedPrefix(model, layer)
+        with prefix.capture():
+            base = model(input_ids=ids).logits
+        with splice(model, site, half):
+            full = model(input_ids=ids).logits
+        with prefix.reuse():
+            assert torch.equal(model(input_ids=ids).logits, base)
+            with splice(model, site, half):
+                assert torch.equal(model(input_ids=ids).logits, full)
+        assert torch.equal(model(input_ids=ids).logits, base)  # the blocks are restored

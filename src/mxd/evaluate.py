@@ -4,9 +4,11 @@
 
 Runs of one model share every pass over it. Pass 1 (stopping after the deepest MLP) gives the
 reconstruction metrics (nmse, fvu, l0, dead, firing counts) and each layer's mean MLP output;
-pass 2 runs the model unmodified (ce_base), with each run spliced in (ce_spliced, kl), and with each
-layer's MLP zeroed (ce_zero) or mean-ablated (ce_mean_ablation). Evaluation text must be held out:
-blocks that also occur in a run's training cache are refused.
+pass 2 runs the model unmodified (ce_base), with each run spliced in (ce_spliced, kl), with each
+layer's MLP zeroed (ce_zero) or mean-ablated (ce_mean_ablation), and with each MxD ablation. In
+pass 2 the blocks before the lowest evaluated layer run once per batch (`SharedPrefix`): every
+other forward starts from their saved output. Evaluation text must be held out: blocks that also
+occur in a run's training cache are refused.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mxd.activations import DTYPES, ActivationCache
 from mxd.data import SPLITS, DataConfig, load_blocks, splits_by_document
 from mxd.layers import MxD
 from mxd.metrics import ALWAYS_ON_RATE, firing_metrics
-from mxd.models import as_mlp, find_mlp, load_model, mlp_activations, mlp_hooks, splice
+from mxd.models import SharedPrefix, as_mlp, find_mlp, load_model, mlp_activations, mlp_hooks, splice
 from mxd.runs import RunInfo, SiteOptions, is_run, read_run
 from mxd.train import method_name
 
@@ -267,25 +269,26 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     ce = {key: [] for key in ["base", *[("run", i) for i in range(len(runs))], *constants, *stand_ins]}
     kl = [0.0] * len(runs)
     ablation_err = {key: 0.0 for key in stand_ins}
+    prefix = SharedPrefix(model, min(sites))
     for ids in tqdm(batches, desc=f"eval: loss ({len(runs)} runs)", disable=not progress):
         ids = ids.to(device)
         captured = {}
-        with mlp_hooks(list(sites.values()), lambda site, x, y: captured.__setitem__(site.layer, (x, y))):
+        with prefix.capture(), mlp_hooks(list(sites.values()), lambda site, x, y: captured.__setitem__(site.layer, (x, y))):
             base = _next_token_logprobs(model, ids)
         ce["base"].append(_sequence_ce(base, ids))
-        for i, run in enumerate(runs):
-            with splice(model, sites[run.layer_index], run.layer):
-                spliced = _next_token_logprobs(model, ids)
-            ce[("run", i)].append(_sequence_ce(spliced, ids))
-            kl[i] += (base.exp() * (base - spliced)).sum().item()
-        for (kind, layer), stand_in in constants.items():
-            with splice(model, sites[layer], stand_in):
-                ce[(kind, layer)].append(_sequence_ce(_next_token_logprobs(model, ids), ids))
         for (name, i), stand_in in stand_ins.items():
             x, y = (t.reshape(-1, t.shape[-1]) for t in captured[runs[i].layer_index])
             ablation_err[(name, i)] += (as_mlp(stand_in)(x).double() - y.double()).pow(2).sum().item()
-            with splice(model, sites[runs[i].layer_index], stand_in):
-                ce[(name, i)].append(_sequence_ce(_next_token_logprobs(model, ids), ids))
+        replacements = [(("run", i), run.layer_index, run.layer) for i, run in enumerate(runs)]
+        replacements += [(key, key[1], stand_in) for key, stand_in in constants.items()]
+        replacements += [(key, runs[key[1]].layer_index, stand_in) for key, stand_in in stand_ins.items()]
+        with prefix.reuse():
+            for key, layer, replacement in replacements:
+                with splice(model, sites[layer], replacement):
+                    logp = _next_token_logprobs(model, ids)
+                ce[key].append(_sequence_ce(logp, ids))
+                if key[0] == "run":
+                    kl[key[1]] += (base.exp() * (base - logp)).sum().item()
     ce = {key: torch.cat(values).numpy() for key, values in ce.items()}
 
     per_seq = blocks.shape[1] - 1  # tokens with a next token, per sequence

@@ -183,6 +183,56 @@ def host_mlp(model: nn.Module, site: MLPSite) -> dict:
     return {"d_hidden": d_hidden, "activation": _HOST_ACTIVATIONS.get(act, "gelu"), "glu": len(weights) == 3}
 
 
+class SharedPrefix:
+    """Run a model's blocks 0..layer-1 once and the rest as often as needed.
+
+        prefix = SharedPrefix(model, 15)
+        with prefix.capture():        # a normal forward that remembers what block 14 returned
+            base = model(ids).logits
+        with prefix.reuse():          # forwards of the same ids that run blocks 15.. only
+            with splice(model, site, layer):
+                spliced = model(ids).logits
+
+    While reusing, each block before `layer` returns what block layer-1 returned in the captured
+    forward (the same object, so tuples and tensors keep their structure), which is what block
+    `layer` reads; the embeddings, the blocks from `layer` on, the final norm and the head run as
+    usual. Valid while the input ids are those of the captured forward.
+    """
+
+    def __init__(self, model: nn.Module, layer: int):
+        _check_layer(model, layer)
+        self.blocks = decoder_layers(model)[1]
+        self.layer = layer
+        self.saved = None
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        if self.layer == 0:
+            yield
+            return
+        handle = self.blocks[self.layer - 1].register_forward_hook(lambda m, args, out: setattr(self, "saved", out))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def reuse(self) -> Iterator[None]:
+        if self.layer == 0:
+            yield
+            return
+        if self.saved is None:
+            raise RuntimeError("SharedPrefix.reuse() before a forward under capture()")
+        skipped = self.blocks[: self.layer]
+        for block in skipped:
+            block.forward = lambda *args, **kwargs: self.saved
+        try:
+            yield
+        finally:
+            for block in skipped:
+                del block.forward
+
+
 class _StopForward(Exception):
     """Raised by a hook to end the forward pass once every wanted activation is captured."""
 
