@@ -51,7 +51,9 @@ class EvalConfig:
     the dtype its activations were harvested in; rank_sample: MxD experts whose normalised rank is
     computed (a random sample); ablations: MxD ablations evaluated without retraining, among
     mean_routing, always_on_only and token_specific_only (None: all three for every MxD run with
-    experts and none for other runs, an empty list: none)
+    experts and none for other runs, an empty list: none); shared_prefix: run the blocks before the
+    lowest evaluated layer once per batch in the loss pass (off: every forward runs the whole model,
+    the same numbers, slower)
     """
 
     eval_tokens: int = 65_536
@@ -61,6 +63,7 @@ class EvalConfig:
     eval_dtype: str | None = None
     rank_sample: int = 128
     ablations: list[str] | None = None
+    shared_prefix: bool = True
 
     def __post_init__(self):
         if self.eval_split not in SPLITS:
@@ -269,7 +272,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     ce = {key: [] for key in ["base", *[("run", i) for i in range(len(runs))], *constants, *stand_ins]}
     kl = [0.0] * len(runs)
     ablation_err = {key: 0.0 for key in stand_ins}
-    prefix = SharedPrefix(model, min(sites))
+    prefix = SharedPrefix(model, min(sites) if cfg.shared_prefix else 0)  # layer 0: nothing shared
     for ids in tqdm(batches, desc=f"eval: loss ({len(runs)} runs)", disable=not progress):
         ids = ids.to(device)
         captured = {}
