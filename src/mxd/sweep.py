@@ -117,12 +117,17 @@ def final_val_nmse(run: Path) -> float:
     return values[-1]
 
 
+SPEED_ONLY = {"shared_prefix"}  # EvalConfig fields that do not change the numbers
+
+
 def _evaluated(folder: Path, cfg: EvalConfig) -> dict | None:
-    """The cell's evaluation record if it exists and was made with these settings."""
+    """The cell's evaluation record if it exists and was made with these settings (up to those that
+    change how, not what, is computed)."""
     path = folder / EVAL_FILE
     if path.is_file():
         record = json.loads(path.read_text())
-        if record.get("eval_config") == asdict(cfg):
+        same = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+        if {k: v for k, v in (record.get("eval_config") or {}).items() if k not in SPEED_ONLY} == same:
             return record
     return None
 
