@@ -401,3 +401,15 @@ def test_skip_transcoder_width_pays_for_its_skip_matrix(d_in, d_out, width):
     skip = SkipTranscoder(TranscoderConfig(d_in, d_out, match_skip_width(d_in, d_out, width), 1))
     assert abs(skip.param_count() - budget) / budget < 0.005
     assert abs(skip.param_count() - budget) <= (d_in + d_out + 1) / 2
+
+
+def test_selection_bias_keeps_bf16_coefficients_at_their_own_precision():
+    """A large β must not round the chosen coefficients: (logit + β) − β in bf16 would zero small ones."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(64, 96), torch.randn(2000, 96) / 10, torch.randn(2000) * 0.1
+    beta = torch.randn(2000) * 20
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values, indices = topk_linear(x, weight, bias, 16, beta, rectify=False)
+    exact = F.linear(x, weight, bias).gather(1, indices)
+    assert (values != 0).all()
+    assert ((values.float() - exact).abs() <= 0.02 * exact.abs() + 0.02).all()

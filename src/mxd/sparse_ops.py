@@ -165,6 +165,7 @@ class TopKLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, selection_bias: Tensor | None = None,
                 rectify: bool = True):
         dtype = compute_dtype(x, weight)
+        plain_bias = None if bias is None else bias.to(dtype)
         if selection_bias is not None:
             bias = selection_bias if bias is None else bias + selection_bias
         x_c, w_c, b_c = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -181,8 +182,10 @@ class TopKLinear(torch.autograd.Function):
             else:
                 torch.addmm(b_c, rows, w_c.T, out=logits)
             values[block], indices[block] = row_topk(logits, k)
-        if selection_bias is not None:
-            values.sub_(selection_bias.to(dtype)[indices])
+            if selection_bias is not None:  # the chosen rows' own logits, not (logit + β) − β rounded at β's scale
+                chosen = indices[block]
+                own = torch.bmm(w_c[chosen], rows.unsqueeze(2)).squeeze(2)  # [b, K, d] @ [b, d, 1] -> [b, K]
+                values[block] = own if plain_bias is None else own + plain_bias[chosen]
         if rectify:
             values.relu_()
         ctx.rectify = rectify
