@@ -183,6 +183,8 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
         _check_chunks(out, chunks, existing)  # no resuming over damage
     _barrier()  # every rank has checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f".chunk-{rank:03d}-*.tmp-*"):  # left by a harvest killed while writing
+        stale.unlink()
     if rank == 0:
         write_json_atomic(out / MANIFEST, wanted)  # complete: false until every shard is finished
     _barrier()
@@ -194,31 +196,30 @@ def harvest(cfg: HarvestConfig, model=None, tokenizer=None, progress: bool = Tru
 
     blocks = islice(chain([first], all_blocks), rank, None, world)
     blocks = islice(blocks, done_blocks, my_blocks)  # skip what earlier runs already wrote
-    bar = tqdm(total=my_blocks * ctx, initial=done_blocks * ctx, unit="tok", unit_scale=True,
-               desc=f"harvest rank {rank}" if world > 1 else "harvest", disable=not progress)
     dtype = DTYPES[cfg.dtype]
     metadata = {"mxd": json.dumps({k: wanted[k] for k in CHUNK_IDENTITY})}
-    while chunk_blocks := list(islice(blocks, blocks_per_chunk)):
-        tokens = torch.stack(chunk_blocks)  # [n_blocks, ctx]
-        xs = torch.empty(len(cfg.layers), tokens.numel(), d_in, dtype=dtype)
-        ys = torch.empty(len(cfg.layers), tokens.numel(), d_out, dtype=dtype)
-        for start in range(0, len(tokens), cfg.batch_size):
-            batch = tokens[start : start + cfg.batch_size].to(cfg.device)
-            captured = mlp_activations(model, batch, sites)
-            rows = slice(start * ctx, start * ctx + batch.numel())
-            for i, layer in enumerate(cfg.layers):
-                x, y = captured[layer]
-                xs[i, rows] = x.reshape(-1, d_in).to("cpu", dtype)
-                ys[i, rows] = y.reshape(-1, d_out).to("cpu", dtype)
-            bar.update(batch.numel())
-        name = f"chunk-{rank:03d}-{len(shard['chunks']):06d}.safetensors"
-        save_tensors({"x": xs, "y": ys, "tokens": tokens.to(torch.int32)}, out / name, metadata)
-        digest = sha256(out / name)
-        remember_verified(out / name, digest)
-        shard["chunks"].append({"file": name, "n_tokens": tokens.numel(), "bytes": (out / name).stat().st_size,
-                                "sha256": digest})
-        write_json_atomic(shard_path, shard)
-    bar.close()
+    with tqdm(total=my_blocks * ctx, initial=done_blocks * ctx, unit="tok", unit_scale=True,  # closed also on failure
+              desc=f"harvest rank {rank}" if world > 1 else "harvest", disable=not progress) as bar:
+        while chunk_blocks := list(islice(blocks, blocks_per_chunk)):
+            tokens = torch.stack(chunk_blocks)  # [n_blocks, ctx]
+            xs = torch.empty(len(cfg.layers), tokens.numel(), d_in, dtype=dtype)
+            ys = torch.empty(len(cfg.layers), tokens.numel(), d_out, dtype=dtype)
+            for start in range(0, len(tokens), cfg.batch_size):
+                batch = tokens[start : start + cfg.batch_size].to(cfg.device)
+                captured = mlp_activations(model, batch, sites)
+                rows = slice(start * ctx, start * ctx + batch.numel())
+                for i, layer in enumerate(cfg.layers):
+                    x, y = captured[layer]
+                    xs[i, rows] = x.reshape(-1, d_in).to("cpu", dtype)
+                    ys[i, rows] = y.reshape(-1, d_out).to("cpu", dtype)
+                bar.update(batch.numel())
+            name = f"chunk-{rank:03d}-{len(shard['chunks']):06d}.safetensors"
+            save_tensors({"x": xs, "y": ys, "tokens": tokens.to(torch.int32)}, out / name, metadata)
+            digest = sha256(out / name)
+            remember_verified(out / name, digest)
+            shard["chunks"].append({"file": name, "n_tokens": tokens.numel(), "bytes": (out / name).stat().st_size,
+                                    "sha256": digest})
+            write_json_atomic(shard_path, shard)
     if not shard["chunks"]:
         raise ValueError(f"empty corpus: source {cfg.data.source!r} gives this process no complete block of {ctx} "
                          f"tokens in its {cfg.split} split")
@@ -309,19 +310,24 @@ def _chunk_problem(path: Path, chunk: dict, manifest: dict) -> str | None:
     recorded = json.loads(header.get("__metadata__", {}).get("mxd", "null"))  # None: harvested before it was recorded
     differs = [k for k in CHUNK_IDENTITY if recorded is not None and recorded.get(k) != manifest.get(k)]
     if differs:
-        return "harvested with " + ", ".join(f"{k}={recorded.get(k)!r}" for k in differs) + f", {MANIFEST} says " + \
-               ", ".join(f"{k}={manifest.get(k)!r}" for k in differs)
+        short = lambda k, v: f"{v[:12]}..." if k == "source_sha256" and isinstance(v, str) else v  # noqa: E731
+        return "harvested with " + ", ".join(f"{k}={short(k, recorded.get(k))!r}" for k in differs) + \
+               f", {MANIFEST} says " + ", ".join(f"{k}={short(k, manifest.get(k))!r}" for k in differs)
     return None
 
 
 def _check_chunks(folder: Path, chunks: list[dict], manifest: dict) -> None:
-    """Raise CorruptCacheError naming the chunks that are damaged or do not match the manifest
-    (each chunk's SHA-256 is read once per process while its file is unchanged)."""
-    bad = [f"{c['file']} ({problem})" for c in chunks if (problem := _chunk_problem(folder / c["file"], c, manifest))]
+    """Raise CorruptCacheError naming the chunks that are damaged or do not match the manifest, grouped
+    by what is wrong (each chunk's SHA-256 is read once per process while its file is unchanged)."""
+    bad: dict[str, list[str]] = {}
+    for chunk in chunks:
+        if problem := _chunk_problem(folder / chunk["file"], chunk, manifest):
+            bad.setdefault(problem, []).append(chunk["file"])
     if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise CorruptCacheError(f"activation cache {folder} has damaged chunks: {', '.join(bad[:3])}{more}; "
-                                f"restore them or harvest again into a new folder")
+        parts = [names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "") + f" ({problem})"
+                 for problem, names in list(bad.items())[:3]]
+        raise CorruptCacheError(f"activation cache {folder} has damaged or mismatched chunks: {', '.join(parts)}"
+                                f"{' and more' if len(bad) > 3 else ''}; restore them or harvest again into a new folder")
 
 
 _ST_DTYPES = {"F32": np.float32, "BF16": np.uint16, "I32": np.int32}  # bf16 is read as raw uint16

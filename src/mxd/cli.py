@@ -175,7 +175,7 @@ def describe_error(e: BaseException) -> str:
     """One line for an expected failure: an OSError as "FILE: reason" (with what to do when the disk
     is full or read-only), anything else as its message."""
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
-        fix = {errno.ENOSPC: "free some space and run the same command again (it resumes where it stopped)",
+        fix = {errno.ENOSPC: "free some space and run the command again (it resumes where it stopped; mxd train with --resume)",
                errno.EROFS: "choose a writable folder", errno.EACCES: "choose a folder you can write to",
                errno.ENOTDIR: "a folder in this path is a file"}.get(e.errno)
         text = f"{e.filename}: {e.strerror}" + (f"; {fix}" if fix else "")
@@ -188,6 +188,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, without the usage block argparse prints first."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Unknown arguments reported by the command's own parser (`mxd train: error: ...`)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            subparsers = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            owner = subparsers.choices[command] if command and subparsers else self
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _init_distributed():

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -89,6 +90,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as e:
+            code = re.search(r"os error (\d+)", str(e))
+            if code:
+                raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
             raise OSError(f"{path}: cannot write ({e})") from None
 
     write_atomic(path, write)

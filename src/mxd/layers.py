@@ -485,7 +485,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> SparseLay
         meta = read_json(config_path)
         class_name, config_dict = meta["class"], meta["config"]
     except (DamagedFileError, KeyError, TypeError) as e:
-        raise DamagedFileError(f"{config_path} is not an mxd layer config ({e})") from None
+        reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).removeprefix(f"{config_path}: ")
+        raise DamagedFileError(f"{config_path} is not an mxd layer config ({reason})") from None
     if "sha256" in meta:
         check_sha256(weights_path, meta["sha256"], f"it does not hold the weights {config_path} was saved with")
     if class_name not in LAYER_CLASSES:

@@ -544,6 +544,8 @@ class Trainer:
             write_json_atomic(config_path, self.cfg.to_dict() | {"resume": False})
         for path in damaged:
             os.replace(path, path.with_name(f"damaged-{path.name}"))
+        for stale in [*self.out.glob(".final.tmp-*"), *self.out.glob("checkpoints/.step-*.tmp-*")]:  # left by a kill
+            shutil.rmtree(stale, ignore_errors=True)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
