@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mxd.activations import MANIFEST, HarvestConfig, harvest, read_manifest
+from mxd.checks import check_out
 from mxd.data import DataConfig
 from mxd.evaluate import EvalConfig
 from mxd.models import DEFAULT_MODEL, load_model
@@ -39,6 +40,9 @@ class DemoConfig:
     expansion: int = 16
     batch_tokens: int | None = None
     lr: float | None = None
+
+    def __post_init__(self):
+        check_out(self.out)
 
 
 def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:

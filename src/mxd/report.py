@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxd.evaluate import ABLATIONS, EVAL_FILE, EXPERTS_CAPTION, FRONTIER, experts_table, find_runs, markdown_table  # noqa: E402
+from mxd.checks import check_out  # noqa: E402
 from mxd.files import read_json, read_jsonl  # noqa: E402
 from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE  # noqa: E402
 
@@ -45,6 +46,9 @@ class ReportConfig:
     inputs: list[str]
     out: str = "report"
     title: str = "mxd report"
+
+    def __post_init__(self):
+        check_out(self.out)
 
 
 def collect_records(inputs: list[str]) -> list[dict]:

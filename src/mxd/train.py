@@ -25,8 +25,9 @@ import shutil
 import signal
 import threading
 import time
+import typing
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from itertools import count, islice
 from pathlib import Path
 
@@ -329,6 +330,21 @@ def _path_key(value: str) -> str:
     return str(path.resolve()) if path.exists() else value
 
 
+def _with_defaults(cls, config: dict) -> dict:
+    """`config` (a dataclass `cls` as a dict, maybe written before some of its fields existed) with
+    the missing fields at their defaults."""
+    full, hints = dict(config), typing.get_type_hints(cls)
+    for f in fields(cls):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            full[f.name] = _with_defaults(kind, config.get(f.name) or {})
+        elif f.name not in config and f.default is not MISSING:
+            full[f.name] = f.default
+        elif f.name not in config and f.default_factory is not MISSING:
+            full[f.name] = f.default_factory()
+    return full
+
+
 def reconstruction_loss(y_hat: Tensor, y: Tensor, kind: str = "nmse", denom: Tensor | None = None) -> Tensor:
     """nmse: Σ‖ŷ−y‖² / Σ‖y‖² over the batch; token_nmse: Σ_tokens ‖ŷ−y‖² / ‖y‖, over the token count.
 
@@ -530,7 +546,7 @@ class Trainer:
         if config_path.exists():
             if not self.cfg.resume:
                 raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-            diffs = _same_config(read_json(config_path), self.cfg.to_dict())
+            diffs = _same_config(_with_defaults(TrainConfig, read_json(config_path)), self.cfg.to_dict())
             if diffs:
                 raise ValueError(f"cannot resume {self.out} with a different config (differs in: {', '.join(diffs)})")
         elif self.cfg.resume:
@@ -670,9 +686,8 @@ class Trainer:
         loss_all, total_all, err_all, active_all = summed[:4].tolist()
         fired, chosen = summed[4 : 4 + n_latents], summed[4 + n_latents :]
         if not math.isfinite(total_all):
-            bad_data = not (torch.isfinite(x).all() and torch.isfinite(y).all())
             raise TrainingDiverged(f"the loss became {total_all} at step {self.step}"
-                                   f"{self._bad_data(self.cache, 'training') if bad_data else ''}; {self._kept()}")
+                                   f"{self._bad_data('training', self.cache, [(x, y)])}; {self._kept()}")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.sync:
@@ -699,8 +714,11 @@ class Trainer:
             if self.schedule_free:
                 self.opt.train()
 
-    def _bad_data(self, cache: ActivationCache | None, role: str) -> str:
-        """Where the NaN/Inf in the `role` data comes from, for a divergence message."""
+    def _bad_data(self, role: str, cache: ActivationCache | None, batches) -> str:
+        """For a divergence message: where the NaN/Inf comes from when the (x, y) `batches` of the
+        `role` data hold one (the chunks of `cache` that do, or the model that was streamed), else ""."""
+        if all(torch.isfinite(x).all() and torch.isfinite(y).all() for x, y in batches):
+            return ""
         if cache is None:
             return f": the {role} activations streamed from the model hold NaN/Inf"
         return (f": the {role} cache {cache.path} holds NaN/Inf in "
@@ -712,12 +730,6 @@ class Trainer:
         of the averaged parameters when the optimiser is schedule-free."""
         with self._averaged():
             return self._evaluate()
-
-    def _val_data_problem(self) -> str:
-        if self.val is not None:
-            return self._bad_data(self.val, "validation") if self.val.nonfinite_chunks(self.layer_index) else ""
-        finite = all(torch.isfinite(x).all() and torch.isfinite(y).all() for x, y in self.val_batches)
-        return "" if finite else self._bad_data(None, "validation")
 
     def _evaluate(self) -> dict:
         d_out = self.layer.config.d_out
@@ -779,7 +791,7 @@ class Trainer:
                         metrics = self.evaluate()
                         if not math.isfinite(metrics["val_nmse"]):
                             raise TrainingDiverged(f"the validation nmse became {metrics['val_nmse']} at step "
-                                                   f"{self.step}{self._val_data_problem()}; {self._kept()}")
+                                                   f"{self.step}{self._bad_data('validation', self.val, self._val_iter())}; {self._kept()}")
                         if logger:
                             logger.log({"step": self.step, "tokens": self.step * cfg.batch_tokens, **metrics})
                         postfix["val_nmse"] = f"{metrics['val_nmse']:.4f}"
