@@ -23,7 +23,6 @@ import re
 import sys
 import types
 import typing
-from pathlib import Path
 
 import transformers
 import yaml
