@@ -189,26 +189,25 @@ def test_bad_train_option(w, tmp_path, capsys, extra, match):
     assert not (tmp_path / "run").exists() and hashes(w.cache, w.val) == before
 
 
-@pytest.mark.parametrize("case", ["out is the cache", "out inside the cache", "out is a file", "no such cache",
-                                  "cache is a text folder", "val cache is the train cache", "two sources",
-                                  "val cache of another layer"])
+TRAIN_PATHS = {  # case: (options replacing the defaults, given the world and tmp_path; the message)
+    "out is the cache": (lambda w, t: dict(out=w.cache), r"out=.* is invalid: it is inside the activation cache"),
+    "out inside the cache": (lambda w, t: dict(out=f"{w.cache}/runs/a"), r"out=.* is invalid: it is inside the activation cache"),
+    "out is a file": (lambda w, t: dict(out=t / "file"), r"out=.* is invalid: it is a file, not a folder"),
+    "no such cache": (lambda w, t: dict(cache=str(t / "nope")), r"manifest.json not found: .* is not an activation cache"),
+    "cache is a text folder": (lambda w, t: dict(cache=w.text), r"is not an activation cache \(run mxd harvest\)"),
+    "val cache is the train cache": (lambda w, t: dict(val=w.cache), r"holds the same split of the same data as the training cache"),
+    "two sources": (lambda w, t: dict(extra=["--model", w.model]), r"give exactly one source: cache .* or model"),
+    "val cache of another layer": (lambda w, t: dict(extra=["--layers", "0"]), r"holds layers \[1\] .* not layer 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_PATHS))
 def test_bad_train_paths(w, tmp_path, capsys, case):
     (tmp_path / "file").write_text("not a folder")
-    out, kw, extra = tmp_path / "run", {}, []
-    match = {
-        "out is the cache": (r"out=.* is invalid: it is inside the activation cache", dict(out=w.cache)),
-        "out inside the cache": (r"out=.* is invalid: it is inside the activation cache", dict(out=f"{w.cache}/runs/a")),
-        "out is a file": (r"out=.* is invalid: it is a file, not a folder", dict(out=tmp_path / "file")),
-        "no such cache": (r"manifest.json not found: .* is not an activation cache", dict(cache=str(tmp_path / "nope"))),
-        "cache is a text folder": (r"is not an activation cache \(run mxd harvest\)", dict(cache=w.text)),
-        "val cache is the train cache": (r"holds the same split of the same data as the training cache", dict(val=w.cache)),
-        "two sources": (r"give exactly one source: cache .* or model", dict(extra=["--model", w.model])),
-        "val cache of another layer": (r"holds layers \[1\] .* not layer 0", dict(extra=["--layers", "0"])),
-    }[case]
-    match, kw = match
-    out, extra = kw.pop("out", out), kw.pop("extra", [])
+    options, match = TRAIN_PATHS[case]
+    kw = dict(out=tmp_path / "run", extra=[]) | options(w, tmp_path)
     before = hashes(w.cache, w.val, w.text, tmp_path / "file")
-    refused(capsys, _train_args(w, out, *extra, **kw), match)
+    refused(capsys, _train_args(w, kw.pop("out"), *kw.pop("extra"), **kw), match)
     assert not (tmp_path / "run").exists() and not Path(w.cache, "runs").exists()
     assert hashes(w.cache, w.val, w.text, tmp_path / "file") == before
 
@@ -604,11 +603,11 @@ def test_metrics_jsonl_stays_strict_json(tmp_path):
 
 
 def test_a_checkpoint_of_nan_weights_is_never_written(w, tmp_path):
-    from mxd.train import Trainer, TrainingDiverged
+    from mxd.train import Trainer, TrainConfig, TrainingDiverged
 
     run = _interrupted_copy(w, tmp_path)
-    trainer = Trainer(mxd.train.TrainConfig(**{**json.loads((run / "config.json").read_text()), "out": str(run),
-                                               "resume": True}), progress=False)
+    config = json.loads((run / "config.json").read_text()) | {"out": str(run), "resume": True}
+    trainer = Trainer(TrainConfig(**config), progress=False)
     before = hashes(run / "checkpoints")
     with torch.no_grad():
         next(trainer.layer.parameters())[0] = float("nan")
