@@ -118,7 +118,7 @@ def test_module_path_override():
     assert site.path == "model.layers.2.mlp.down_proj"
     x, y = mlp_activations(model, _ids(), [site])[2]
     assert x.shape[-1] == 64  # down_proj reads the hidden width
-    with pytest.raises(ValueError, match="module path 'model.layers.2.nope' does not exist"):
+    with pytest.raises(ValueError, match="module_path='model.layers.{layer}.nope' is invalid: 'model.layers.2.nope' does not exist"):
         find_mlp(model, 2, module_path="model.layers.{layer}.nope")
 
 

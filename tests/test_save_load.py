@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 import mxd
 from mxd import MxD, MxDConfig
+from mxd.files import sha256
 
 
 def test_round_trip(layer, tmp_path):
@@ -41,10 +42,14 @@ def test_unknown_class_fails_clearly(tmp_path):
 
 
 def test_missing_tensor_fails_clearly(tmp_path):
-    _, weights = _saved(tmp_path)
+    config, weights = _saved(tmp_path)
     tensors = load_file(str(weights))
     del tensors["router.weight"]
     save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"model.safetensors: checksum mismatch"):  # config.json records its sha256
+        mxd.load(tmp_path)
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps(meta | {"sha256": sha256(weights)}))  # edited consistently: the tensors are checked
     with pytest.raises(ValueError, match=r"missing tensors \['router.weight'\]"):
         mxd.load(tmp_path)
 

@@ -5,26 +5,29 @@
 
 Options come from the dataclass fields (`--context-len` for `context_len`, nested dataclasses such
 as DataConfig flattened), their help from the "name: text" entries of the class docstring;
-`--config FILE.json|yaml` supplies defaults that explicit options override. Bad input exits with
-status 2 and a one-line message.
+`--config FILE.json|yaml` supplies defaults that explicit options override.
+
+Every expected failure (bad option or config value, unreadable or damaged file, a full or read-only
+disk) exits with status 2 and one line, `mxd CMD: error: ...`, naming the file or value and what
+would be valid; a training run that diverges exits with status 1. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import errno
 import os
 import re
 import sys
 import types
 import typing
-from pathlib import Path
 
 import transformers
 import yaml
 
-from mxd.activations import CorruptCacheError, HarvestConfig, harvest
+from mxd.activations import HarvestConfig, harvest
 from mxd.evaluate import EvalCommand, evaluate_paths, markdown_table as eval_table
 from mxd.report import ReportConfig, write_report
 from mxd.sweep import SweepConfig, run_sweep
@@ -32,6 +35,7 @@ from mxd.dashboard import InspectConfig, write_dashboard
 from mxd.demo import DemoConfig, format_table, run_demo
 from mxd.probe import ProbeConfig, markdown_table, run_probe
 from mxd.steer import SteerConfig, compare, format_comparison
+from mxd.files import read_json, read_text
 from mxd.layers import load
 from mxd.train import TrainConfig, TrainingDiverged, train_runs
 
@@ -108,11 +112,91 @@ def _flatten(data: dict) -> dict:
 
 
 def _read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    """The flattened option values of a JSON or YAML file; ValueError naming file and line when it does not parse."""
+    if not path.endswith((".yaml", ".yml")):
+        data = read_json(path)
+    else:
+        try:
+            data = yaml.safe_load(read_text(path))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a JSON/YAML mapping of option names to values")
     return _flatten(data)
+
+
+def _field_types(cls) -> dict:
+    """{field name: type hint} of a config dataclass, nested dataclasses flattened."""
+    types_ = {}
+    for name, kind in typing.get_type_hints(cls).items():
+        types_ |= _field_types(kind) if dataclasses.is_dataclass(kind) else {name: kind}
+    return types_
+
+
+def _typed(value, kind):
+    """`value` as type hint `kind` (int, float, str, bool, list[...], X | None), a string converted
+    as on the command line; TypeError when it cannot be."""
+    if isinstance(kind, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_typed(v, typing.get_args(kind)[0]) for v in value]
+    if isinstance(value, str) and kind in (int, float):
+        return kind(value)  # ValueError when it is not a number
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (float, int) if kind is float else kind):
+        raise TypeError
+    return value
+
+
+def _check_config_values(path: str, values: dict, cls) -> dict:
+    """The config file's values typed as the fields they set; ValueError naming the first bad one."""
+    kinds = _field_types(cls)
+    typed = {}
+    for name, value in values.items():
+        if name not in kinds:  # --config itself
+            typed[name] = value
+            continue
+        try:
+            typed[name] = _typed(value, kinds[name])
+        except (TypeError, ValueError):
+            kind = kinds[name]
+            expected = kind.__name__ if isinstance(kind, type) and not typing.get_origin(kind) else str(kind)
+            raise ValueError(f"{path}: {name}={value!r} is invalid: expected {expected}") from None
+    return typed
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an expected failure: an OSError as "FILE: reason" (with what to do when the disk
+    is full or read-only), anything else as its message."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        fix = {errno.ENOSPC: "free some space and run the command again (it resumes where it stopped; mxd train with --resume)",
+               errno.EROFS: "choose a writable folder", errno.EACCES: "choose a folder you can write to",
+               errno.ENOTDIR: "a folder in this path is a file"}.get(e.errno)
+        text = f"{e.filename}: {e.strerror}" + (f"; {fix}" if fix else "")
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, without the usage block argparse prints first."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """Unknown arguments reported by the command's own parser (`mxd train: error: ...`)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = getattr(parsed, "command", None)
+            subparsers = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            owner = subparsers.choices[command] if command and subparsers else self
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _init_distributed():
@@ -139,9 +223,6 @@ def _cmd_train(cfg: TrainConfig) -> None:
     except KeyboardInterrupt:
         print(f"mxd train: interrupted; checkpoint saved, continue with --resume --out {cfg.out}", file=sys.stderr)
         sys.exit(130)
-    except TrainingDiverged as e:
-        print(f"mxd train: error: {e}", file=sys.stderr)
-        sys.exit(1)
     if int(os.environ.get("RANK", "0")) == 0 or cfg.placement == "spread":
         for run in runs:
             layer = load(run / "final")
@@ -201,7 +282,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mxd", description="Mixture of Decoders and sparse transcoders")
+    parser = _Parser(prog="mxd", description="Mixture of Decoders and sparse transcoders")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -217,14 +298,14 @@ def main(argv: list[str] | None = None) -> None:
             unknown = sorted(set(values) - known)
             if unknown:
                 raise ValueError(f"--config {args.config}: unknown options {unknown}")
-            sub_parser.set_defaults(**values)
+            sub_parser.set_defaults(**_check_config_values(args.config, values, cls))
             args = parser.parse_args(argv)
         _init_distributed()
         transformers.utils.logging.disable_progress_bar()  # mxd shows its own progress
         run(_build(cls, vars(args)))
-    except (ValueError, FileNotFoundError, CorruptCacheError) as e:
-        print(f"mxd {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError, TrainingDiverged) as e:  # bad input, damaged files, full or read-only disks
+        print(f"mxd {args.command}: error: {describe_error(e)}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
 
 
 if __name__ == "__main__":

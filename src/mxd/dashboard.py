@@ -102,7 +102,7 @@ def activations(cfg: InspectConfig, run: RunInfo, model, tokenizer) -> tuple[Ten
     """
     path = cfg.cache or run.val_cache or run.cache
     if path is not None:
-        cache = ActivationCache(path)
+        cache = ActivationCache(path, allow_partial=bool(run.config.get("allow_partial")))
         cache.check_matches(run.model, run.layer_index)
         tokens = torch.cat([cache.tokens(c).flatten() for c in range(len(cache.chunks))])[: cfg.max_tokens]
         batches = (x for x, _ in cache.batches(run.layer_index, cfg.batch_tokens, shuffle=False))

@@ -30,6 +30,7 @@ import bz2
 import csv
 import hashlib
 import importlib.util
+import logging
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ import torch
 from mwparserfromhell.nodes import Heading, Tag, Wikilink
 from mwparserfromhell.wikicode import Wikicode
 from torch import Tensor
+
+from mxd.files import sha256
 
 SPLITS = ("train", "validation", "test")
 HELD_OUT_SPLITS = ("validation", "test")  # a dataset's own held-out split, in order of preference
@@ -239,28 +242,73 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {
 # ---------------------------------------------------------------- local files and the Hub
 
 
-def _local_documents(path: Path, text_column: str) -> Iterator[str]:
-    """Documents of a supported file, or of every supported file under a folder (sorted)."""
+def _local_files(path: Path) -> list[Path]:
+    """The supported file `path`, or every supported file under folder `path` (sorted)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
         if not files:
             raise ValueError(f"{path} holds no {', '.join(LOCAL_SUFFIXES)} files")
-    elif path.suffix.lower() in LOCAL_SUFFIXES:
-        files = [path]
-    else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(LOCAL_SUFFIXES)}")
-    return chain.from_iterable(_file_documents(f, text_column) for f in files)
+        return files
+    if path.suffix.lower() in LOCAL_SUFFIXES:
+        return [path]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; supported: {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _local_documents(path: Path, text_column: str) -> Iterator[str]:
+    """Documents of a supported file, or of every supported file under a folder (sorted)."""
+    return chain.from_iterable(_file_documents(f, text_column) for f in _local_files(path))
 
 
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        yield from re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+        yield from named_errors(path, lambda: iter(re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))))
         return
     import datasets  # heavy import, only needed for tables and the Hub
 
-    rows = datasets.load_dataset(TABLE_FORMATS[suffix], data_files=str(path), split="train", streaming=True)
+    # its loader logs a parse error before raising it; we raise it naming the file instead
+    logging.getLogger(f"datasets.packaged_modules.{TABLE_FORMATS[suffix]}.{TABLE_FORMATS[suffix]}").setLevel(logging.CRITICAL)
+    rows = named_errors(path, lambda: iter(datasets.load_dataset(TABLE_FORMATS[suffix], data_files=str(path),
+                                                                  split="train", streaming=True)))
     yield from _column(rows, text_column, str(path))
+
+
+def named_errors(path: Path, open_items: Callable[[], Iterator]) -> Iterator:
+    """The items of open_items(), a file that is not UTF-8 text or does not parse raised as a
+    ValueError naming `path`."""
+    try:
+        items = open_items()
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            yield item
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); text sources must be UTF-8 "
+                         f"{', '.join(LOCAL_SUFFIXES)} files") from None
+    except ValueError as e:  # the table parsers' errors (pyarrow's are ValueErrors)
+        raise ValueError(f"{path}: cannot be read as a {path.suffix} file ({' '.join(str(e).split())})") from None
+
+
+def source_fingerprint(config: DataConfig) -> str | None:
+    """SHA-256 over the names and bytes of every file a built-in or local source reads, so that a
+    changed corpus is told apart; None for a Hugging Face dataset."""
+    source = config.source
+    if source == "builtin" or source in BUILTIN_SOURCES:
+        roots = [package_path(BUILTIN_SOURCES[n].package, BUILTIN_SOURCES[n].path)
+                 for n in (BUILTIN_SOURCES if source == "builtin" else [source])]
+        files = [(root, sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]) for root in roots]
+    elif Path(source).expanduser().exists():
+        root = Path(source).expanduser()
+        files = [(root, _local_files(root))]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for root, paths in files:
+        for path in paths:
+            digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}\0{sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _column(rows: Iterable[dict], column: str, where: str) -> Iterator[str]:

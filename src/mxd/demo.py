@@ -4,13 +4,13 @@ model's next-token loss with each spliced in) and draw the report (`make demo`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mxd.activations import HarvestConfig, harvest
+from mxd.activations import MANIFEST, HarvestConfig, harvest, read_manifest
+from mxd.checks import check_out
 from mxd.data import DataConfig
 from mxd.evaluate import EvalConfig
 from mxd.models import DEFAULT_MODEL, load_model
@@ -41,6 +41,9 @@ class DemoConfig:
     batch_tokens: int | None = None
     lr: float | None = None
 
+    def __post_init__(self):
+        check_out(self.out)
+
 
 def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
     """Harvest (resumable), train and evaluate both layers as a sweep (resumable); (records, report path)."""
@@ -50,7 +53,7 @@ def run_demo(cfg: DemoConfig) -> tuple[list[dict], Path]:
     caches = {}
     for split, tokens in (("train", cfg.train_tokens), ("validation", cfg.val_tokens)):
         path = out / f"cache-{split}"
-        if not (path / "manifest.json").exists() or not json.loads((path / "manifest.json").read_text())["complete"]:
+        if not (path / MANIFEST).exists() or not read_manifest(path)["complete"]:
             harvest(HarvestConfig(out=str(path), model=cfg.model, layers=[cfg.layer], split=split, max_tokens=tokens,
                                   model_dtype="bf16", data=data), model, tokenizer)
         caches[split] = str(path)

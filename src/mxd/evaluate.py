@@ -129,7 +129,7 @@ def _eval_blocks(runs: list[RunInfo], cfg: EvalConfig, tokenizer, data: DataConf
     if cfg.eval_split == "test":
         caches |= {(run.val_cache, "validation") for run in runs if run.val_cache is not None}
     for cache_path, role in sorted(caches):
-        cache = ActivationCache(cache_path)
+        cache = ActivationCache(cache_path, allow_partial=True)  # a run may have trained on a partial one
         if cache.manifest["context_len"] != blocks.shape[1]:
             continue  # blocks of another length cannot coincide
         seen = sum(row.tobytes() in wanted for i in range(len(cache.chunks)) for row in cache.tokens(i).numpy().astype(np.int32))

@@ -13,13 +13,11 @@ into the encoder bias (b_e − W_e b_dec), so it loads as a transcoder from x to
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
+from mxd.files import load_tensors, read_json
 from mxd.layers import CONFIG_FILE, SkipTranscoder, SparseLayer, Transcoder, TranscoderConfig
 from mxd.layers import load as load_native
 
@@ -60,15 +58,16 @@ def read_sparsify(path: str | Path, device: str | torch.device = "cpu") -> Spars
     path = sparsify_hookpoint_folder(path)
     config_path = path / SPARSIFY_CONFIG
     try:
-        cfg = json.loads(config_path.read_text())
+        cfg = read_json(config_path)
         d, k = int(cfg["d_in"]), int(cfg["k"])
         activation = cfg.get("activation", "topk")
         transcode, skip = bool(cfg.get("transcode", False)), bool(cfg.get("skip_connection", False))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{config_path} is not a sparsify coder config ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # ValueError: also a file that does not parse
+        reason = str(e).removeprefix(f"{config_path}: ")
+        raise ValueError(f"{config_path} is not a sparsify coder config ({type(e).__name__}: {reason})") from None
     if activation != "topk":
         raise ValueError(f"{config_path}: activation={activation!r} cannot be represented; supported: 'topk'")
-    tensors = load_file(str(path / SPARSIFY_WEIGHTS), device=str(device))
+    tensors = load_tensors(path / SPARSIFY_WEIGHTS, device)
     needed = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"] + (["W_skip"] if skip else [])
     missing = [name for name in needed if name not in tensors]
     if missing:

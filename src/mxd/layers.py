@@ -17,7 +17,6 @@ Storage: `decoder.weight` is Dᵀ [d_out, H]; `modulators` holds C transposed, o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -26,9 +25,9 @@ from typing import Callable, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mxd.files import DamagedFileError, check_sha256, load_tensors, read_json, save_tensors, sha256, write_json_atomic
 from mxd.routing import FlatRouter, ProductKeyRouter, product_grid
 from mxd.sparse_ops import compute_dtype, sparse_decode, topk_linear
 
@@ -289,13 +288,14 @@ class SparseLayer(nn.Module):
             w.grad.sub_((w.grad * w).sum(dim=1, keepdim=True) * w)
 
     def save(self, directory: str | Path) -> None:
-        """Write `config.json` and `model.safetensors` into `directory` (created if missing)."""
+        """Write `model.safetensors` and `config.json` (class, config and the weights' SHA-256, which
+        `load` verifies) into `directory` (created if missing), each atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"class": type(self).__name__, "config": self.config.to_dict()}
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE))
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_tensors(tensors, directory / WEIGHTS_FILE)
+        meta = {"class": type(self).__name__, "config": self.config.to_dict(), "sha256": sha256(directory / WEIGHTS_FILE)}
+        write_json_atomic(directory / CONFIG_FILE, meta)
 
 
 def _uniform_linear_init_(weight: Tensor, fan_in: int) -> None:
@@ -474,23 +474,27 @@ LAYER_CLASSES: dict[str, type[SparseLayer]] = {cls.__name__: cls for cls in (MxD
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> SparseLayer:
-    """Load a layer written by `SparseLayer.save`; fails clearly on a foreign or damaged folder."""
+    """Load a layer written by `SparseLayer.save`; fails clearly on a foreign or damaged folder, and
+    on weights that fail the checksum in config.json (layers saved before checksums have none)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {directory} is not a saved mxd layer")
     try:
-        meta = json.loads(config_path.read_text())
+        meta = read_json(config_path)
         class_name, config_dict = meta["class"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{config_path} is not an mxd layer config ({e})") from None
+    except (DamagedFileError, KeyError, TypeError) as e:
+        reason = f"missing field {e}" if isinstance(e, KeyError) else str(e).removeprefix(f"{config_path}: ")
+        raise DamagedFileError(f"{config_path} is not an mxd layer config ({reason})") from None
+    if "sha256" in meta:
+        check_sha256(weights_path, meta["sha256"], f"it does not hold the weights {config_path} was saved with")
     if class_name not in LAYER_CLASSES:
         raise ValueError(f"unknown layer class {class_name!r} in {config_path}; valid: {', '.join(LAYER_CLASSES)}")
     cls = LAYER_CLASSES[class_name]
     with torch.device("meta"):
         layer = cls(cls.config_class.from_dict(config_dict))
-    tensors = load_file(str(weights_path), device=str(device))
+    tensors = load_tensors(weights_path, device)
     expected = layer.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

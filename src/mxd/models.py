@@ -86,7 +86,8 @@ def embedded_model_path(name: str) -> Path:
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """(model, tokenizer) for an embedded model name, a local folder or a Hugging Face Hub id.
 
-    The model is in eval mode with gradients off.
+    The model is in eval mode with gradients off. Only safetensors weights are read: a model saved
+    only as pickle (pytorch_model.bin) is refused, since unpickling can run code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +101,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         path = name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # never unpickle
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
@@ -134,6 +135,31 @@ class MLPSite:
     output_module: nn.Module
 
 
+def n_positions(model: nn.Module) -> int | None:
+    """How many positions the model was built for (max_position_embeddings / n_positions), if it says."""
+    cfg = model.config.get_text_config()
+    return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+def check_context_len(model: nn.Module, context_len: int) -> None:
+    """ValueError when blocks of `context_len` tokens are longer than the model's positions."""
+    limit = n_positions(model)
+    if limit is not None and context_len > limit:
+        raise ValueError(f"context_len={context_len} is invalid for {type(model).__name__}: it has {limit} "
+                         f"positions; use context_len <= {limit}")
+
+
+def check_module_path(module_path: str | None) -> None:
+    """ValueError unless `module_path` is None or a dotted path whose only placeholder is {layer}."""
+    if module_path is None:
+        return
+    try:
+        module_path.format(layer=0)
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(f"module_path={module_path!r} is invalid: the only placeholder it may hold is {{layer}} "
+                         "(e.g. 'model.layers.{layer}.mlp')") from None
+
+
 def _check_layer(model: nn.Module, layer: int) -> None:
     count = n_layers(model)
     if not isinstance(layer, int) or not 0 <= layer < count:
@@ -143,12 +169,18 @@ def _check_layer(model: nn.Module, layer: int) -> None:
 def find_mlp(model: nn.Module, layer: int, module_path: str | None = None) -> MLPSite:
     """Layer `layer`'s MLP site, found by structure or at `module_path` (e.g. "model.layers.{layer}.mlp")."""
     _check_layer(model, layer)
+    check_module_path(module_path)
     if module_path is not None:
         path = module_path.format(layer=layer)
         try:
             module = model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"module path {path!r} does not exist in {type(model).__name__}") from None
+            try:
+                hint = f"; the MLP of layer {layer} is {find_mlp(model, layer).path!r}"
+            except ValueError:
+                hint = ""
+            raise ValueError(f"module_path={module_path!r} is invalid: {path!r} does not exist in "
+                             f"{type(model).__name__}{hint}") from None
         return MLPSite(layer, path, module, module)
     blocks_path, blocks = decoder_layers(model)
     block, prefix = blocks[layer], f"{blocks_path}.{layer}"
@@ -253,12 +285,17 @@ def mlp_hooks(sites: list[MLPSite], on_output: Callable) -> Iterator[None]:
         for site in sites:
             def pre_hook(module, args, site=site):
                 if id(site.output_module) not in _BYPASSED:
-                    inputs[site.layer] = args[0]
+                    inputs[site.layer] = args[0] if args else None
 
             def post_hook(module, args, output, site=site):
                 if id(site.output_module) in _BYPASSED:
                     return None
-                new = on_output(site, inputs.pop(site.layer), _first_tensor(output))
+                x, y = inputs.pop(site.layer, None), _first_tensor(output)
+                if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.is_floating_point()
+                        and y.is_floating_point() and x.shape[:-1] == y.shape[:-1]):
+                    raise ValueError(f"{site.path} ({type(site.input_module).__name__}) is not an MLP: an MLP maps "
+                                     f"one hidden-state tensor [..., d] to another; pass the MLP's module_path")
+                new = on_output(site, x, y)
                 if new is None:
                     return None
                 return (new, *output[1:]) if isinstance(output, tuple) else new

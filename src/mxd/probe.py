@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mxd.checks import check_at_least
+from mxd.checks import check_at_least, check_out
 from mxd.data import prepended_bos
 from mxd.layers import SparseLayer
 from mxd.models import find_mlp, mlp_activations
@@ -66,6 +66,7 @@ class ProbeConfig:
         check_at_least(self, 1, "max_per_class", "max_len", "batch_size")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction={self.test_fraction} is invalid: must be in (0, 1)")
+        check_out(self.out)
 
 
 @torch.no_grad()

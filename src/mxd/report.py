@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mxd.evaluate import ABLATIONS, EVAL_FILE, EXPERTS_CAPTION, FRONTIER, experts_table, find_runs, markdown_table  # noqa: E402
+from mxd.checks import check_out  # noqa: E402
+from mxd.files import read_json, read_jsonl  # noqa: E402
 from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE  # noqa: E402
 
 METHOD_LABELS = {"mxd": "MxD", "mxd_paper": "MxD (paper form)", "transcoder": "TopK transcoder",
@@ -45,18 +47,21 @@ class ReportConfig:
     out: str = "report"
     title: str = "mxd report"
 
+    def __post_init__(self):
+        check_out(self.out)
+
 
 def collect_records(inputs: list[str]) -> list[dict]:
     """Evaluation records from sweeps' frontier.json and runs' eval.json files."""
     records = []
     for path in map(Path, inputs):
         if (path / FRONTIER).is_file():
-            records += json.loads((path / FRONTIER).read_text())
+            records += read_json(path / FRONTIER)
             continue
         for run in find_runs([str(path)]):
             if not (run / EVAL_FILE).is_file():
                 raise ValueError(f"run {str(run)!r} has no {EVAL_FILE}: evaluate it first (mxd eval {run})")
-            records.append(json.loads((run / EVAL_FILE).read_text()))
+            records.append(read_json(run / EVAL_FILE))
     if not records:
         raise ValueError(f"no evaluated runs in {inputs}")
     return records
@@ -177,7 +182,7 @@ def plot_training(records: list[dict], out: Path) -> list[Path] | None:
         metrics = Path(r["run"]) / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        logged = read_jsonl(metrics)
         for ax, key in zip(axes, ("nmse", "val_nmse")):
             points = [(m["tokens"], m[key]) for m in logged if key in m]
             if points:

@@ -11,16 +11,16 @@ a run that streamed its activations from the model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mxd.activations import DTYPES, MANIFEST
+from mxd.activations import DTYPES, MANIFEST, read_manifest
 from mxd.data import DataConfig
 from mxd.exchange import (SPARSIFY_CONFIG, SPARSIFY_WEIGHTS, is_sparsify, layer_from_hookpoint, read_sparsify,
                           sparsify_hookpoint_folder)
+from mxd.files import read_json
 from mxd.layers import SkipTranscoder, SparseLayer, load
 from mxd.models import load_model
 
@@ -125,14 +125,14 @@ def read_run(path: str | Path, device: str = "cpu", site: SiteOptions | None = N
     if not config_path.is_file() or not final.is_dir():
         raise ValueError(f"{str(path)!r} is not a training run: it needs {RUN_CONFIG} and {FINAL}/ (written by mxd train), "
                          f"or {SPARSIFY_CONFIG} and {SPARSIFY_WEIGHTS} (written by sparsify)")
+    config = read_json(config_path)
     try:
-        config = json.loads(config_path.read_text())
         layers = [config["layer"]] if config.get("layer") is not None else config.get("layers")
         if config.get("cache"):
             cache = _resolve(config["cache"], run)
             if not (cache / MANIFEST).is_file():
                 raise ValueError(f"run {str(path)!r} was trained on cache {str(cache)!r}, which has no {MANIFEST}")
-            source = json.loads((cache / MANIFEST).read_text())
+            source = read_manifest(cache)
             layers = layers or source["layers"]
         else:  # streamed from a model: the config itself names the site and the text
             cache, source = None, config
@@ -149,5 +149,5 @@ def read_run(path: str | Path, device: str = "cpu", site: SiteOptions | None = N
             val_cache=val_cache if val_cache is not None and (val_cache / MANIFEST).is_file() else None,
             config=config,
         )
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"{config_path} is not a readable TrainConfig ({type(e).__name__}: {e})") from None

@@ -23,8 +23,9 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from mxd.activations import ActivationCache
+from mxd.activations import read_manifest
 from mxd.evaluate import EVAL_FILE, FRONTIER, EvalConfig, evaluate_runs, markdown_table, write_results
+from mxd.files import read_json, read_jsonl
 from mxd.runs import SiteOptions, read_run
 from mxd.train import METHODS, Trainer, TrainConfig, method_spec
 
@@ -110,7 +111,7 @@ class SweepConfig:
 
 def final_val_nmse(run: Path) -> float:
     """The last validation nmse logged in a run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(run / "metrics.jsonl")
     values = [r["val_nmse"] for r in records if r.get("val_nmse") is not None]
     if not values:
         raise ValueError(f"{run}/metrics.jsonl has no validation nmse: was the run trained with a val_cache?")
@@ -125,7 +126,7 @@ def _evaluated(folder: Path, cfg: EvalConfig) -> dict | None:
     change how, not what, is computed)."""
     path = folder / EVAL_FILE
     if path.is_file():
-        record = json.loads(path.read_text())
+        record = read_json(path)
         same = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
         if {k: v for k, v in (record.get("eval_config") or {}).items() if k not in SPEED_ONLY} == same:
             return record
@@ -135,7 +136,7 @@ def _evaluated(folder: Path, cfg: EvalConfig) -> dict | None:
 def _site(train: TrainConfig) -> SiteOptions:
     """The model site the sweep trains on, for extra runs that do not name theirs."""
     if train.cache:
-        m = ActivationCache(train.cache).manifest
+        m = read_manifest(Path(train.cache))
         return SiteOptions(model=m["model"], module_path=m.get("module_path"), model_dtype=m.get("model_dtype", "fp32"))
     return SiteOptions(model=train.model, module_path=train.module_path, model_dtype=train.model_dtype)
 
@@ -172,7 +173,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     out = Path(cfg.train.out)
     sweep_file = out / "sweep.json"
     if sweep_file.exists():
-        before = json.loads(sweep_file.read_text())
+        before = read_json(sweep_file)
         if before["train"] | {"resume": None} != asdict(cfg.train) | {"resume": None}:
             diffs = [k for k, v in asdict(cfg.train).items() if k != "resume" and before["train"].get(k) != v]
             raise ValueError(f"{out} holds a sweep with other training settings (differs in: {', '.join(diffs)}); "

@@ -19,7 +19,6 @@ class (seeded).
 from __future__ import annotations
 
 import csv
-import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mxd.data import package_path
+from mxd.data import named_errors, package_path
+from mxd.files import read_json, read_jsonl
 
 HUTTO_SOURCES = {"movie": "movieReviewSnippets", "amazon": "amazonReviewSnippets",
                  "nyt": "nytEditorialSnippets", "tweets": "tweets"}
@@ -121,15 +121,18 @@ BUILTIN_TASKS: dict[str, tuple[str, Callable[[], Pairs]]] = {
 }
 
 
+def _csv_rows(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        yield from csv.DictReader(f)
+
+
 def _table_rows(path: Path) -> Iterator[dict]:
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f)
+        yield from named_errors(path, lambda: _csv_rows(path))
     elif path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            yield from (json.loads(line) for line in f if line.strip())
+        yield from read_jsonl(path)
     else:
-        yield from json.loads(path.read_text(encoding="utf-8"))
+        yield from read_json(path)
 
 
 def _hub_rows(name: str, dataset_config: str | None, split: str) -> tuple[Iterator[dict], Callable]:

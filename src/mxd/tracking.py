@@ -8,6 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from mxd.files import finite_or_none
+
 TRACKERS = ("tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
@@ -26,6 +28,7 @@ class MetricsLogger:
     """Appends each record to `out/metrics.jsonl` and mirrors its numbers to the asked-for trackers.
 
     A record is a flat dict with a "step" key; every other numeric value becomes a scalar series.
+    metrics.jsonl stays strict JSON: a NaN or ±Inf is written as null.
     """
 
     def __init__(self, out: Path, trackers: list[str], run_config: dict):
@@ -45,7 +48,7 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self.tensorboard is not None:
             for key, value in scalars.items():

@@ -7,37 +7,44 @@
 A run folder holds `config.json` (the TrainConfig), `metrics.jsonl` (one record per logged step
 and per evaluation), `final/` (the trained layer: `mxd.load`-able) and `checkpoints/step-N/`
 (layer weights, optimiser state, trainer state) of which the last `keep_last` and the best by
-validation nmse are kept. Checkpoints are written to a temporary folder and renamed, so a crash
-never leaves a half-written one; `resume=True` continues bit for bit (CPU) from the newest.
+validation nmse are kept. Checkpoints and `final/` are written to a temporary folder and renamed,
+so a crash or a full disk never leaves a half-written one; each checkpoint's state.json records
+the SHA-256 of its other files. `resume=True` continues bit for bit (CPU) from the newest
+checkpoint that passes its checksums and holds finite numbers (a damaged newer one is renamed
+damaged-step-N and reported). Everything is checked before config.json is written, so a refused
+run leaves nothing behind; a loss or validation nmse that becomes NaN/Inf stops the run naming
+the step (and, when the data holds the NaN, the cache chunks).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 import shutil
 import signal
 import threading
 import time
+import typing
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from itertools import count, islice
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mxd.checks import check_at_least
-from mxd.activations import DTYPES, ActivationCache, rank_and_world, site_dims, stream_activations
+from mxd.checks import check_at_least, check_device, check_out
+from mxd.activations import DTYPES, MANIFEST, ActivationCache, rank_and_world, site_dims, stream_activations
 from mxd.data import DataConfig
+from mxd.files import (DamagedFileError, check_sha256, load_tensors, read_json, save_tensors, sha256,
+                       write_folder_atomic, write_json_atomic)
 from mxd.layers import (MxD, MxDConfig, SkipTranscoder, SparseCodes, SparseLayer, Transcoder, TranscoderConfig, load,
                         match_n_experts, match_skip_width)
 from mxd.metrics import firing_metrics
-from mxd.models import find_mlp, host_mlp, load_model
+from mxd.models import check_context_len, check_module_path, find_mlp, host_mlp, load_model
 from mxd.optim import OptimConfig, default_lr, make_optimizer
 from mxd.sparse_ops import sparse_decode
 from mxd.tracking import MetricsLogger, check_trackers
@@ -58,6 +65,9 @@ DEFAULT_VARIANT = "balanced"
 # sweep methods: a layer kind, or an MxD variant (method name -> (kind, variant))
 METHODS = {"mxd": ("mxd", None), "mxd_paper": ("mxd", "paper"), "transcoder": ("transcoder", None),
            "skip_transcoder": ("skip_transcoder", None)}
+CHECKPOINT_FILES = ("layer/config.json", "layer/model.safetensors", "trainer.safetensors")  # checksummed in state.json
+PATH_FIELDS = ("cache", "val_cache", "model", "source")  # compared as the folders they name when resuming
+log = logging.getLogger("mxd")
 
 
 def method_spec(spec: "LayerSpec", method: str) -> "LayerSpec":
@@ -188,7 +198,8 @@ class TrainConfig:
     (0: off); data_init: before the first step, set the layer's biases from the first batch's means
     (transcoders: b = mean y, b_e = −W_e mean x; MxD: b = mean y); log_every: steps between metrics records; log_to: trackers fed
     besides metrics.jsonl: tensorboard, wandb; resume: continue the run(s) in out from the newest
-    checkpoint
+    intact checkpoint; allow_partial: train on a cache whose harvest has not finished (refused
+    otherwise)
     """
 
     out: str = "runs/mxd"
@@ -219,6 +230,7 @@ class TrainConfig:
     log_every: int = 10
     log_to: list[str] = field(default_factory=list)
     resume: bool = False
+    allow_partial: bool = False
     sparse: LayerSpec = field(default_factory=LayerSpec)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,6 +244,10 @@ class TrainConfig:
                              f"got cache={self.cache!r}, model={self.model!r}")
         if self.model is not None and not self.layers:
             raise ValueError("layers is required when streaming from a model: which MLP to train")
+        check_out(self.out)
+        _check_not_in_a_cache(self.out)
+        check_device(self.device)
+        check_module_path(self.module_path)
         if self.model_dtype not in DTYPES:
             raise ValueError(f"model_dtype={self.model_dtype!r} is invalid: valid values are {', '.join(DTYPES)}")
         if self.autocast not in ("none", "bf16"):
@@ -282,6 +298,51 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is left untouched."""
+
+
+def _check_not_in_a_cache(out: str) -> None:
+    """Refuse a run folder inside (or equal to) an activation cache."""
+    path = Path(out).expanduser().resolve()
+    for folder in (path, *path.parents):
+        if (folder / MANIFEST).is_file():
+            raise ValueError(f"out={out!r} is invalid: it is inside the activation cache {folder}; "
+                             "choose a folder outside it")
+
+
+def _same_config(existing, wanted, prefix: str = "") -> list[str]:
+    """The dotted names of the fields in which two run configs (as dicts) differ, `out` and `resume`
+    aside; path fields naming the same folder (relative, absolute, trailing slash) are equal."""
+    if not (isinstance(existing, dict) and isinstance(wanted, dict)):
+        return [] if existing == wanted else [prefix.rstrip(".")]
+    diffs = []
+    for key in sorted(set(existing) | set(wanted)):
+        if not prefix and key in ("out", "resume"):
+            continue
+        a, b = existing.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
+            a, b = _path_key(a), _path_key(b)
+        diffs += _same_config(a, b, f"{prefix}{key}.")
+    return diffs
+
+
+def _path_key(value: str) -> str:
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _with_defaults(cls, config: dict) -> dict:
+    """`config` (a dataclass `cls` as a dict, maybe written before some of its fields existed) with
+    the missing fields at their defaults."""
+    full, hints = dict(config), typing.get_type_hints(cls)
+    for f in fields(cls):
+        kind = hints[f.name]
+        if is_dataclass(kind):
+            full[f.name] = _with_defaults(kind, config.get(f.name) or {})
+        elif f.name not in config and f.default is not MISSING:
+            full[f.name] = f.default
+        elif f.name not in config and f.default_factory is not MISSING:
+            full[f.name] = f.default_factory()
+    return full
 
 
 def reconstruction_loss(y_hat: Tensor, y: Tensor, kind: str = "nmse", denom: Tensor | None = None) -> Tensor:
@@ -365,7 +426,7 @@ class Trainer:
             d_in, d_out, host = self._open_caches()
         else:
             d_in, d_out, host = self._open_stream(model, tokenizer)
-        self._prepare_out()
+        self._check_out()
         torch.manual_seed(config.seed)
         self.layer = config.sparse.build(d_in, d_out, host).to(self.device)
         self.optim = optim = config.optim.resolved(config.sparse.kind)
@@ -378,19 +439,21 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.last_fired = torch.zeros(self.layer.n_latents, dtype=torch.long, device=self.device)  # tokens seen at last firing
-        if config.resume:
-            self._load_checkpoint()
+        damaged = self._load_checkpoint() if config.resume else []
+        self._barrier()  # every rank has checked everything before rank 0 writes
+        if self.writes:
+            self._write_out(damaged)
 
     # --- data ----------------------------------------------------------------------------------
 
     def _open_caches(self) -> tuple[int, int, dict]:
         cfg = self.cfg
-        self.cache = ActivationCache(cfg.cache)
+        self.cache = ActivationCache(cfg.cache, allow_partial=cfg.allow_partial)
         model = self.cache.manifest["model"]
         self.layer_index = cfg.layers[0] if cfg.layers else self.cache.layers[0]
         self.cache.check_matches(model, self.layer_index)
         if cfg.val_cache:
-            self.val = ActivationCache(cfg.val_cache)
+            self.val = ActivationCache(cfg.val_cache, allow_partial=cfg.allow_partial)
             self.val.check_matches(model, self.layer_index)
             if self.val.manifest["split"] == self.cache.manifest["split"] and self.val.manifest["data"] == self.cache.manifest["data"]:
                 raise ValueError(f"val_cache {cfg.val_cache} holds the same split of the same data as the training cache")
@@ -403,10 +466,11 @@ class Trainer:
             model, tokenizer = load_model(cfg.model, dtype=DTYPES[cfg.model_dtype], device=self.device)
         self.model, self.tokenizer = model, tokenizer
         self.layer_index = cfg.layers[0]
+        check_context_len(model, cfg.data.context_len)
         self.site = find_mlp(model, self.layer_index, cfg.module_path)
         d_in, d_out = site_dims(model, self.site)
         if cfg.val_cache:
-            self.val = ActivationCache(cfg.val_cache)
+            self.val = ActivationCache(cfg.val_cache, allow_partial=cfg.allow_partial)
             self.val.check_matches(cfg.model, self.layer_index)
         else:  # hold val_tokens of the validation split in memory
             val = list(islice(self._stream("validation", 4096, seed=0), math.ceil(cfg.val_tokens / 4096)))
@@ -476,22 +540,28 @@ class Trainer:
 
     # --- run folder ----------------------------------------------------------------------------
 
-    def _prepare_out(self) -> None:
+    def _check_out(self) -> None:
+        """Refuse a folder that holds another run, or (resuming) none or one with a different config."""
         config_path = self.out / "config.json"
-        wanted = self.cfg.to_dict() | {"resume": False}
         if config_path.exists():
-            existing = json.loads(config_path.read_text()) | {"resume": False}
             if not self.cfg.resume:
                 raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-            if existing != wanted:
-                diffs = [k for k in wanted if existing.get(k) != wanted[k]]
+            diffs = _same_config(_with_defaults(TrainConfig, read_json(config_path)), self.cfg.to_dict())
+            if diffs:
                 raise ValueError(f"cannot resume {self.out} with a different config (differs in: {', '.join(diffs)})")
         elif self.cfg.resume:
             raise ValueError(f"nothing to resume: {self.out} holds no run")
-        self._barrier()  # every rank has checked before rank 0 writes
-        if self.writes and not config_path.exists():
+
+    def _write_out(self, damaged: list[Path]) -> None:
+        """Create the run folder with its config.json (a new run); set damaged checkpoints aside."""
+        config_path = self.out / "config.json"
+        if not config_path.exists():
             self.out.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(json.dumps(wanted, indent=1) + "\n")
+            write_json_atomic(config_path, self.cfg.to_dict() | {"resume": False})
+        for path in damaged:
+            os.replace(path, path.with_name(f"damaged-{path.name}"))
+        for stale in [*self.out.glob(".final.tmp-*"), *self.out.glob("checkpoints/.step-*.tmp-*")]:  # left by a kill
+            shutil.rmtree(stale, ignore_errors=True)
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -500,41 +570,77 @@ class Trainer:
         found = [p for p in folder.glob("step-*") if (p / "state.json").exists()] if folder.exists() else []
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
+    def _kept(self) -> str:
+        """Which checkpoint a stopped run can resume from."""
+        checkpoints = self._checkpoints()
+        return (f"the last good checkpoint, {checkpoints[-1]}, is kept" if checkpoints
+                else "no checkpoint was written yet")
+
     def save_checkpoint(self, is_best: bool = False) -> Path:
         if not all(torch.isfinite(p).all() for p in self.layer.parameters()):
-            raise TrainingDiverged(f"non-finite weights at step {self.step}; the last good checkpoint is kept")
+            raise TrainingDiverged(f"non-finite weights at step {self.step}; {self._kept()}")
         folder = self.out / "checkpoints"
         final = folder / f"step-{self.step}"
         if not self.writes:
             return final
-        tmp = folder / f".tmp-step-{self.step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.layer.save(tmp / "layer")
         opt_state = self.opt.state_dict()
-        tensors = {f"{i}.{k}": v.cpu() for i, s in opt_state["state"].items() for k, v in s.items()}
-        tensors |= {"rng": torch.get_rng_state(), "last_fired": self.last_fired.cpu()}
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        state = {"step": self.step, "best_val": self.best_val, "param_groups": opt_state["param_groups"],
-                 "scheduler": self.sched.state_dict(), "is_best": is_best}
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+
+        def write(tmp: Path) -> None:
+            self.layer.save(tmp / "layer")
+            tensors = {f"{i}.{k}": v.cpu() for i, s in opt_state["state"].items() for k, v in s.items()}
+            tensors |= {"rng": torch.get_rng_state(), "last_fired": self.last_fired.cpu()}
+            save_tensors(tensors, tmp / "trainer.safetensors")
+            state = {"step": self.step, "best_val": self.best_val, "param_groups": opt_state["param_groups"],
+                     "scheduler": self.sched.state_dict(), "is_best": is_best,
+                     "sha256": {name: sha256(tmp / name) for name in CHECKPOINT_FILES}}
+            write_json_atomic(tmp / "state.json", state)
+
+        folder.mkdir(parents=True, exist_ok=True)
+        write_folder_atomic(final, write)
         checkpoints = self._checkpoints()
-        best = [p for p in checkpoints if json.loads((p / "state.json").read_text())["is_best"]]
+        best = [p for p in checkpoints if read_json(p / "state.json").get("is_best")]
         keep = set(checkpoints[-self.cfg.keep_last :]) | set(best[-1:])
         for old in checkpoints:
             if old not in keep:
                 shutil.rmtree(old)
         return final
 
-    def _load_checkpoint(self) -> None:
+    def _read_checkpoint(self, path: Path) -> tuple[SparseLayer, dict, dict]:
+        """(layer, trainer tensors, state) of a checkpoint, after checking its checksums and that it
+        holds finite numbers; DamagedFileError (or another ValueError / OSError) when it does not."""
+        state = read_json(path / "state.json")
+        if not isinstance(state, dict) or state.get("step") != int(path.name.split("-")[1]):
+            raise DamagedFileError(f"{path / 'state.json'}: its step does not match the folder name")
+        for name, digest in state.get("sha256", {}).items():  # checkpoints from before checksums have none
+            if name not in CHECKPOINT_FILES:
+                raise DamagedFileError(f"{path / 'state.json'}: lists an unknown file {name!r}")
+            check_sha256(path / name, digest, "this checkpoint cannot be used")
+        layer = load(path / "layer", device=self.device)
+        tensors = load_tensors(path / "trainer.safetensors", self.device)
+        numbers = [*layer.state_dict().values(), *(t for t in tensors.values() if t.is_floating_point())]
+        if not all(torch.isfinite(t).all() for t in numbers):
+            raise DamagedFileError(f"{path}: holds non-finite (NaN/Inf) weights or optimiser state")
+        return layer, tensors, state
+
+    def _load_checkpoint(self) -> list[Path]:
+        """Continue from the newest intact checkpoint; the damaged newer ones, to be set aside (a
+        run with none continues from the start; a run whose every checkpoint is damaged is refused)."""
         checkpoints = self._checkpoints()
-        if not checkpoints:
-            return  # the run stopped before its first checkpoint: start over
-        path = checkpoints[-1]
-        self.layer.load_state_dict(load(path / "layer").state_dict())
-        tensors = load_file(str(path / "trainer.safetensors"), device=str(self.device))
-        state = json.loads((path / "state.json").read_text())
+        damaged = []
+        for path in reversed(checkpoints):
+            try:
+                layer, tensors, state = self._read_checkpoint(path)
+                break
+            except (ValueError, OSError, KeyError) as e:
+                log.warning(f"mxd train: checkpoint {path} is damaged ({' '.join(str(e).split())}); "
+                            f"it is renamed damaged-{path.name} and an older one is used")
+                damaged.append(path)
+        else:
+            if damaged:
+                raise ValueError(f"every checkpoint of {self.out} is damaged ({', '.join(p.name for p in damaged)}; "
+                                 "see the warnings above); move them away to train this run from the start")
+            return []  # the run stopped before its first checkpoint: start over
+        self.layer.load_state_dict(layer.state_dict())
         opt_state = {"state": {}, "param_groups": state["param_groups"]}
         for key, value in tensors.items():
             if key[0].isdigit():
@@ -545,6 +651,7 @@ class Trainer:
         torch.set_rng_state(tensors["rng"].cpu())
         self.last_fired = tensors["last_fired"]
         self.step, self.best_val = state["step"], state["best_val"]
+        return damaged
 
     # --- training ------------------------------------------------------------------------------
 
@@ -579,7 +686,8 @@ class Trainer:
         loss_all, total_all, err_all, active_all = summed[:4].tolist()
         fired, chosen = summed[4 : 4 + n_latents], summed[4 + n_latents :]
         if not math.isfinite(total_all):
-            raise TrainingDiverged(f"the loss became {total_all} at step {self.step}; the last good checkpoint is kept")
+            raise TrainingDiverged(f"the loss became {total_all} at step {self.step}"
+                                   f"{self._bad_data('training', self.cache, [(x, y)])}; {self._kept()}")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         if self.sync:
@@ -605,6 +713,16 @@ class Trainer:
         finally:
             if self.schedule_free:
                 self.opt.train()
+
+    def _bad_data(self, role: str, cache: ActivationCache | None, batches) -> str:
+        """For a divergence message: where the NaN/Inf comes from when the (x, y) `batches` of the
+        `role` data hold one (the chunks of `cache` that do, or the model that was streamed), else ""."""
+        if all(torch.isfinite(x).all() and torch.isfinite(y).all() for x, y in batches):
+            return ""
+        if cache is None:
+            return f": the {role} activations streamed from the model hold NaN/Inf"
+        return (f": the {role} cache {cache.path} holds NaN/Inf in "
+                f"{', '.join(cache.nonfinite_chunks(self.layer_index)) or 'its data'}; harvest it again")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -671,6 +789,9 @@ class Trainer:
                 if self.val is not None or self.cache is None:
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         metrics = self.evaluate()
+                        if not math.isfinite(metrics["val_nmse"]):
+                            raise TrainingDiverged(f"the validation nmse became {metrics['val_nmse']} at step "
+                                                   f"{self.step}{self._bad_data('validation', self.val, self._val_iter())}; {self._kept()}")
                         if logger:
                             logger.log({"step": self.step, "tokens": self.step * cfg.batch_tokens, **metrics})
                         postfix["val_nmse"] = f"{metrics['val_nmse']:.4f}"
@@ -687,7 +808,7 @@ class Trainer:
                 logger.close()
         if self.writes:
             with self._averaged():
-                self.layer.save(self.out / "final")
+                write_folder_atomic(self.out / "final", self.layer.save)
         self._barrier()
         return self.layer
 
