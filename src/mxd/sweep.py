@@ -27,7 +27,7 @@ from mxd.activations import read_manifest
 from mxd.evaluate import EVAL_FILE, FRONTIER, EvalConfig, evaluate_runs, markdown_table, write_results
 from mxd.files import read_json, read_jsonl
 from mxd.runs import SiteOptions, read_run
-from mxd.train import METHODS, Trainer, TrainConfig, method_spec
+from mxd.train import METHODS, Trainer, TrainConfig, config_differences, method_spec
 
 
 @dataclass
@@ -174,8 +174,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     sweep_file = out / "sweep.json"
     if sweep_file.exists():
         before = read_json(sweep_file)
-        if before["train"] | {"resume": None} != asdict(cfg.train) | {"resume": None}:
-            diffs = [k for k, v in asdict(cfg.train).items() if k != "resume" and before["train"].get(k) != v]
+        diffs = config_differences(before["train"], asdict(cfg.train))
+        if diffs:
             raise ValueError(f"{out} holds a sweep with other training settings (differs in: {', '.join(diffs)}); "
                              f"choose another --out")
     extra = [read_run(p, site=_site(cfg.train)) for p in cfg.extra_runs]  # fail on a bad extra run before training

@@ -325,6 +325,12 @@ def _same_config(existing, wanted, prefix: str = "") -> list[str]:
     return diffs
 
 
+def config_differences(existing: dict, wanted: dict) -> list[str]:
+    """The dotted fields in which a TrainConfig written earlier (maybe before some fields existed,
+    which then count as their defaults) differs from `wanted`, `out` and `resume` aside."""
+    return _same_config(_with_defaults(TrainConfig, existing), wanted)
+
+
 def _path_key(value: str) -> str:
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
@@ -546,7 +552,7 @@ class Trainer:
         if config_path.exists():
             if not self.cfg.resume:
                 raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-            diffs = _same_config(_with_defaults(TrainConfig, read_json(config_path)), self.cfg.to_dict())
+            diffs = config_differences(read_json(config_path), self.cfg.to_dict())
             if diffs:
                 raise ValueError(f"cannot resume {self.out} with a different config (differs in: {', '.join(diffs)})")
         elif self.cfg.resume:
