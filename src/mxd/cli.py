@@ -37,6 +37,7 @@ from mxd.probe import ProbeConfig, markdown_table, run_probe
 from mxd.steer import SteerConfig, compare, format_comparison
 from mxd.files import read_json, read_text
 from mxd.layers import load
+from mxd.share import ExportConfig, PushConfig, export, push, write_model_card
 from mxd.train import TrainConfig, TrainingDiverged, train_runs
 
 
@@ -56,7 +57,7 @@ def _parse_optional(inner):
     return lambda s: None if s.lower() in ("none", "null") else inner(s)
 
 
-POSITIONAL = ("run", "runs", "inputs")  # fields given as positional arguments: mxd eval RUN...
+POSITIONAL = ("run", "runs", "inputs", "repo_id")  # fields given as positional arguments: mxd eval RUN...
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls, group_title: str | None = None) -> None:
@@ -226,6 +227,7 @@ def _cmd_train(cfg: TrainConfig) -> None:
     if int(os.environ.get("RANK", "0")) == 0 or cfg.placement == "spread":
         for run in runs:
             layer = load(run / "final")
+            write_model_card(run)
             print(f"trained {type(layer).__name__} ({layer.param_count():,} parameters, {layer.n_latents:,} latents, "
                   f"k={layer.config.k}) in {run}/final; metrics in {run}/metrics.jsonl")
 
@@ -234,6 +236,15 @@ def _cmd_eval(cfg: EvalCommand) -> None:
     records = evaluate_paths(cfg.runs, cfg.eval, cfg.out, site=cfg.site)
     where = f"{cfg.out}/eval.json and {cfg.out}/eval.md" if cfg.out else "each run's eval.json"
     print(f"\n{records[0]['eval_tokens']:,} held-out tokens of {records[0]['model']}:\n{eval_table(records)}\nresults in {where}")
+
+
+def _cmd_export(cfg: ExportConfig) -> None:
+    print(f"{cfg.format} files in {export(cfg)}")
+
+
+def _cmd_push(cfg: PushConfig) -> None:
+    print(f"pushed {cfg.run} to https://huggingface.co/{cfg.repo_id} ({push(cfg.run, cfg.repo_id, cfg.private)}); "
+          f"load it with mxd.load('hf:{cfg.repo_id}')")
 
 
 def _cmd_sweep(cfg: SweepConfig) -> None:
@@ -275,6 +286,8 @@ COMMANDS = {
     "sweep": (SweepConfig, _cmd_sweep, "train and evaluate a parameter-matched grid (methods x K x seeds)"),
     "report": (ReportConfig, _cmd_report, "figures (frontier, training curves, firing) and a Markdown report"),
     "demo": (DemoConfig, _cmd_demo, "harvest the embedded model, train an MxD and a matched transcoder, compare"),
+    "export": (ExportConfig, _cmd_export, "write a run's layer for sparsify or SAELens, or as weights with a standalone reader"),
+    "push": (PushConfig, _cmd_push, "upload a run with its model card to the Hugging Face Hub"),
     "inspect": (InspectConfig, _cmd_inspect, "write a static HTML dashboard of a run's experts"),
     "probe": (ProbeConfig, _cmd_probe, "sparse probing of runs on labelled text tasks"),
     "steer": (SteerConfig, _cmd_steer, "generate with an expert's coefficient pushed, next to the unsteered text"),

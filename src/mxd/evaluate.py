@@ -30,7 +30,8 @@ from mxd.data import SPLITS, DataConfig, load_blocks, splits_by_document
 from mxd.layers import MxD
 from mxd.metrics import ALWAYS_ON_RATE, firing_metrics
 from mxd.models import SharedPrefix, as_mlp, find_mlp, load_model, mlp_activations, mlp_hooks, splice
-from mxd.runs import RunInfo, SiteOptions, is_run, read_run
+from mxd.runs import RUN_CONFIG, RunInfo, SiteOptions, is_run, read_run
+from mxd.share import write_model_card
 from mxd.train import method_name
 
 EVAL_FILE = "eval.json"
@@ -387,9 +388,12 @@ def experts_table(records: list[dict]) -> str | None:
 
 
 def write_results(records: list[dict], out: Path | None) -> None:
-    """Each run's record to RUN/eval.json; with `out`, all of them to out/eval.json and out/eval.md."""
+    """Each run's record to RUN/eval.json (and its model card refreshed, for mxd runs); with `out`,
+    all of them to out/eval.json and out/eval.md."""
     for r in records:
         (Path(r["run"]) / EVAL_FILE).write_text(json.dumps(r, indent=1) + "\n")
+        if (Path(r["run"]) / RUN_CONFIG).is_file():
+            write_model_card(r["run"])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / EVAL_FILE).write_text(json.dumps(records, indent=1) + "\n")

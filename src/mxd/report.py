@@ -28,7 +28,8 @@ from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE  # noqa: E402
 
 METHOD_LABELS = {"mxd": "MxD", "mxd_paper": "MxD (paper form)", "transcoder": "TopK transcoder",
                  "skip_transcoder": "skip transcoder", "sparsify_transcoder": "sparsify TopK transcoder",
-                 "sparsify_skip_transcoder": "sparsify skip transcoder"}
+                 "sparsify_skip_transcoder": "sparsify skip transcoder", "saelens_transcoder": "SAELens transcoder",
+                 "saelens_skip_transcoder": "SAELens skip transcoder"}
 # Training settings that do not make a run another variant: what varies within one line of the frontier
 # (K, seed) and where and how it was run or logged.
 NOT_VARIANT = {"out", "resume", "seed", "ks", "sparse.k", "sparse.variant", "optim.lr_scale", "device", "placement",

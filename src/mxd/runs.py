@@ -18,14 +18,15 @@ import torch
 
 from mxd.activations import DTYPES, MANIFEST, read_manifest
 from mxd.data import DataConfig
-from mxd.exchange import (SPARSIFY_CONFIG, SPARSIFY_WEIGHTS, is_sparsify, layer_from_hookpoint, read_sparsify,
+from mxd.exchange import (FINAL, SAELENS_WEIGHTS, SPARSIFY_CONFIG, SPARSIFY_WEIGHTS, is_saelens, is_sparsify,
+                          is_sparsify_folder, layer_from_hookpoint, read_saelens, read_saelens_config, read_sparsify,
                           sparsify_hookpoint_folder)
 from mxd.files import read_json
+from mxd.hub import run_folder
 from mxd.layers import SkipTranscoder, SparseLayer, load
 from mxd.models import load_model
 
 RUN_CONFIG = "config.json"
-FINAL = "final"
 
 
 @dataclass
@@ -71,8 +72,8 @@ def _resolve(cache: str, run: Path) -> Path:
 
 @dataclass
 class SiteOptions:
-    """Where a coder saved by another library belongs (a sparsify folder names none of it; mxd runs
-    ignore these options).
+    """Where a coder saved by another library belongs (a sparsify folder names none of it, a SAELens
+    folder may name its model and hook; mxd runs ignore these options).
 
     model: the model it was trained on (embedded name, local folder or Hub id); layer: the
     transformer layer whose MLP it replaces (None: read from a hookpoint folder name such as
@@ -91,24 +92,32 @@ class SiteOptions:
 
 
 def is_run(path: Path) -> bool:
-    """Whether `path` is a run folder of mxd (config.json) or a coder saved by sparsify."""
-    return (path / RUN_CONFIG).is_file() or is_sparsify(path)
+    """Whether `path` is a run folder of mxd (config.json) or a coder saved by sparsify or SAELens."""
+    return (path / RUN_CONFIG).is_file() or is_sparsify(path) or is_saelens(path)
 
 
-def _read_sparsify_run(path: Path, site: SiteOptions | None, device: str) -> RunInfo:
-    folder = sparsify_hookpoint_folder(path)
+def _read_foreign_run(path: Path, site: SiteOptions | None, device: str) -> RunInfo:
+    """A sparsify or SAELens coder as a run: its site from `site`, else from what its files say."""
     site = site or SiteOptions()
-    layer_index = site.layer if site.layer is not None else layer_from_hookpoint(folder.name)
-    if site.model is None:
-        raise ValueError(f"{folder} is a sparsify coder, which does not name its model: give --model (e.g. smollm2-135m)")
+    if is_saelens(path):
+        folder, fmt, meta = path, "saelens", read_saelens_config(path).get("metadata") or {}
+        model, hookpoint = site.model or meta.get("model_name"), meta.get("hook_name") or path.name
+        layer = read_saelens(folder, device=device)
+    else:
+        folder = sparsify_hookpoint_folder(path)
+        fmt, model, hookpoint = "sparsify", site.model, folder.name
+        layer = read_sparsify(folder, device=device)
+    layer_index = site.layer if site.layer is not None else layer_from_hookpoint(hookpoint)
+    if model is None:
+        raise ValueError(f"{folder} is a {fmt} coder that does not name its model: give --model (e.g. smollm2-135m)")
     if layer_index is None:
-        raise ValueError(f"{folder} is a sparsify coder whose hookpoint {folder.name!r} names no layer: give --layer")
-    layer = read_sparsify(folder, device=device).eval().requires_grad_(False)
+        raise ValueError(f"{folder} is a {fmt} coder whose hookpoint {hookpoint!r} names no layer: give --layer")
     kind = "skip_transcoder" if isinstance(layer, SkipTranscoder) else "transcoder"
-    config = {"format": "sparsify", "sparse": {"kind": f"sparsify_{kind}", "k": layer.config.k},
-              "hookpoint": folder.name, "seed": None, "train_tokens": None}
-    return RunInfo(path=folder, layer=layer, model=site.model, layer_index=layer_index, module_path=site.module_path,
-                   model_dtype=site.model_dtype, data=DataConfig(), cache=None, val_cache=None, config=config)
+    config = {"format": fmt, "sparse": {"kind": f"{fmt}_{kind}", "k": layer.config.k},
+              "hookpoint": hookpoint, "seed": None, "train_tokens": None}
+    return RunInfo(path=folder, layer=layer.eval().requires_grad_(False), model=model, layer_index=layer_index,
+                   module_path=site.module_path, model_dtype=site.model_dtype, data=DataConfig(), cache=None,
+                   val_cache=None, config=config)
 
 
 def read_run(path: str | Path, device: str = "cpu", site: SiteOptions | None = None) -> RunInfo:
@@ -116,15 +125,16 @@ def read_run(path: str | Path, device: str = "cpu", site: SiteOptions | None = N
 
     A run trained on a cache takes its model, site and text source from the cache's manifest; a run
     that streamed its activations (config `model` set) from its own config; a coder saved by
-    sparsify from `site` (its layer also from its hookpoint name).
+    sparsify from `site` (its layer also from its hookpoint name). "hf:OWNER/REPO[@REVISION]" reads
+    a run pushed to the Hugging Face Hub (`mxd push`).
     """
-    run = Path(path).expanduser()
+    run = run_folder(path)
     config_path, final = run / RUN_CONFIG, run / FINAL
-    if not config_path.is_file() and run.is_dir() and (is_sparsify(run) or any(is_sparsify(p) for p in run.iterdir())):
-        return _read_sparsify_run(run, site, device)
+    if is_saelens(run) or is_sparsify_folder(run):
+        return _read_foreign_run(run, site, device)
     if not config_path.is_file() or not final.is_dir():
         raise ValueError(f"{str(path)!r} is not a training run: it needs {RUN_CONFIG} and {FINAL}/ (written by mxd train), "
-                         f"or {SPARSIFY_CONFIG} and {SPARSIFY_WEIGHTS} (written by sparsify)")
+                         f"{SPARSIFY_CONFIG} and {SPARSIFY_WEIGHTS} (sparsify) or {SPARSIFY_CONFIG} and {SAELENS_WEIGHTS} (SAELens)")
     config = read_json(config_path)
     try:
         layers = [config["layer"]] if config.get("layer") is not None else config.get("layers")

@@ -27,6 +27,7 @@ from mxd.activations import read_manifest
 from mxd.evaluate import EVAL_FILE, FRONTIER, EvalConfig, evaluate_runs, markdown_table, write_results
 from mxd.files import read_json, read_jsonl
 from mxd.runs import SiteOptions, read_run
+from mxd.share import write_model_card
 from mxd.train import METHODS, Trainer, TrainConfig, config_differences, method_spec
 
 
@@ -148,6 +149,7 @@ def _train(cells: list[TrainConfig], progress: bool) -> None:
         if progress:
             print(f"cell {i + 1}/{len(cells)}: {Path(cell.out).relative_to(Path(cell.out).parent.parent)}", flush=True)
         Trainer(cell, progress=progress).train()
+        write_model_card(cell.out)
 
 
 def select_lr(cfg: SweepConfig, progress: bool = True) -> dict[tuple, float]:
