@@ -78,3 +78,28 @@ def test_formats_we_cannot_represent_fail_in_one_line(tmp_path, capsys):
         main(["eval", str(empty), "--model", "smollm2-135m"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "holds none" in err
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_export_to_sparsify_loads_in_sparsify_with_the_same_outputs(tmp_path, skip):
+    from mxd.exchange import write_sparsify
+
+    torch.manual_seed(0)
+    layer = (SkipTranscoder if skip else Transcoder)(mxd.TranscoderConfig(12, 12, 48, 5))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    write_sparsify(layer, tmp_path / "layers.1.mlp")
+    coder = sparsify.SparseCoder.load_from_disk(tmp_path / "layers.1.mlp")
+    assert (coder.cfg.transcode, coder.cfg.skip_connection, coder.num_latents, coder.cfg.k) == (True, skip, 48, 5)
+    x = torch.randn(64, 12)
+    torch.testing.assert_close(coder(x, torch.randn(64, 12)).sae_out, layer(x)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(read_sparsify(tmp_path / "layers.1.mlp")(x)[0], layer(x)[0])
+
+
+def test_mxd_export_sparsify_names_the_hookpoint(tmp_path, capsys):
+    _, folder = _saved_coder(tmp_path, skip=True, hookpoint="layers.2.mlp")
+    main(["export", str(folder), "--format", "sparsify", "--out", str(tmp_path / "out"), "--model", "m"])
+    assert (tmp_path / "out" / "layers.2.mlp" / "sae.safetensors").is_file()
+    x = torch.randn(8, 12)
+    torch.testing.assert_close(mxd.load(tmp_path / "out")(x)[0], mxd.load(folder)(x)[0])

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mxd.checks import check_at_least
-from mxd.activations import DTYPES, ActivationCache
+from mxd.activations import DTYPES, ActivationCache, site_dims
 from mxd.data import SPLITS, DataConfig, load_blocks, splits_by_document
 from mxd.layers import MxD
 from mxd.metrics import ALWAYS_ON_RATE, firing_metrics
@@ -217,6 +217,15 @@ def _check_ablations(runs: list[RunInfo], ablations: list[str] | None) -> list[l
     return [list(ablations) for _ in runs]
 
 
+def _check_widths(runs: list[RunInfo], dims: dict[int, tuple[int, int]]) -> None:
+    """ValueError naming the first run whose layer does not fit its MLP's (d_in, d_out)."""
+    for run in runs:
+        c, (d_in, d_out) = run.layer.config, dims[run.layer_index]
+        if (c.d_in, c.d_out) != (d_in, d_out):
+            raise ValueError(f"{run.path}: its layer maps d_in={c.d_in} to d_out={c.d_out}, but the MLP of layer "
+                             f"{run.layer_index} of {run.model} maps {d_in} to {d_out}; give the --model and --layer it was trained on")
+
+
 @torch.no_grad()
 def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True,
                   data: DataConfig | None = None) -> list[dict]:
@@ -234,6 +243,7 @@ def evaluate_runs(runs: list[RunInfo], cfg: EvalConfig, model=None, tokenizer=No
     for run in runs:
         run.layer.to(device)
     sites = {run.layer_index: find_mlp(model, run.layer_index, run.module_path) for run in runs}
+    _check_widths(runs, {layer: site_dims(model, site) for layer, site in sites.items()})
     blocks = _eval_blocks(runs, cfg, tokenizer, data)
     batches = blocks.split(cfg.eval_batch_size)
     n_tokens = blocks.numel()
