@@ -130,3 +130,21 @@ def test_saelens_files_read_with_the_same_outputs(tmp_path, arch, extra):
     x = torch.randn(20, 12)
     torch.testing.assert_close(read_saelens(tmp_path / "sae")(x)[0], sae(x), atol=1e-5, rtol=1e-5)
     assert read_run(tmp_path / "sae").layer_index == 4
+
+
+def test_a_layer_whose_width_does_not_fit_the_mlp_is_refused(tmp_path, tiny_model_dir, capsys):
+    write_saelens(TOPK(), tmp_path / "sae")  # d_in = 12; the tiny Llama's MLP maps 32 -> 32
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "sae"), "--model", str(tiny_model_dir), "--layer", "1", "--eval-tokens", "64"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "maps d_in=12 to d_out=12, but the MLP of layer 1" in err and "maps 32 to 32" in err, err
+
+
+def test_a_folder_in_no_format_is_refused(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "cfg.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "x"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a training run" in err and "SAELens" in err, err
