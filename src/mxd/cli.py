@@ -24,7 +24,6 @@ import sys
 import types
 import typing
 
-import transformers
 import yaml
 
 from mxd.activations import HarvestConfig, harvest
@@ -314,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
             sub_parser.set_defaults(**_check_config_values(args.config, values, cls))
             args = parser.parse_args(argv)
         _init_distributed()
+        import transformers
+
         transformers.utils.logging.disable_progress_bar()  # mxd shows its own progress
         run(_build(cls, vars(args)))
     except (ValueError, OSError, TrainingDiverged) as e:  # bad input, damaged files, full or read-only disks

@@ -15,16 +15,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend chosen at import
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mxd.evaluate import ABLATIONS, EVAL_FILE, EXPERTS_CAPTION, FRONTIER, experts_table, find_runs, markdown_table  # noqa: E402
-from mxd.checks import check_out  # noqa: E402
-from mxd.files import read_json, read_jsonl  # noqa: E402
-from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE  # noqa: E402
+from mxd.evaluate import ABLATIONS, EVAL_FILE, EXPERTS_CAPTION, FRONTIER, experts_table, find_runs, markdown_table
+from mxd.checks import check_out
+from mxd.files import read_json, read_jsonl
+from mxd.metrics import ALWAYS_ON_RATE, DENSE_RATE
 
 METHOD_LABELS = {"mxd": "MxD", "mxd_paper": "MxD (paper form)", "transcoder": "TopK transcoder",
                  "skip_transcoder": "skip transcoder", "sparsify_transcoder": "sparsify TopK transcoder",
@@ -96,7 +93,6 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     for p in paths:
         fig.savefig(p, dpi=150, bbox_inches="tight")
-    plt.close(fig)
     return paths
 
 
@@ -111,7 +107,8 @@ def plot_frontier(records: list[dict], out: Path) -> list[Path]:
     dense-only MxD as a horizontal line."""
     metrics = [("nmse", "nmse (lower is better)"), ("delta_ce", "Δ CE, nats (lower is better)"),
                ("ce_recovered", "CE recovered (higher is better)")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    fig = Figure(figsize=(5 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics))
     by_variant = defaultdict(lambda: defaultdict(list))
     sparse = [r for r in records if not is_dense_only(r)]
     for r, variant in zip(sparse, variant_labels(sparse)):
@@ -147,7 +144,8 @@ def plot_experts(records: list[dict], out: Path) -> list[Path] | None:
     mxd = [r for r in records if r.get("experts_share") is not None]
     if not mxd:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
     by_variant = defaultdict(list)
     for r, variant in zip(mxd, variant_labels(mxd)):
         by_variant[variant].append(r)
@@ -177,7 +175,8 @@ def plot_experts(records: list[dict], out: Path) -> list[Path] | None:
 
 def plot_training(records: list[dict], out: Path) -> list[Path] | None:
     """Training-batch nmse and validation nmse against training tokens, one line per run with a metrics.jsonl."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
     drawn = 0
     for r in records:
         metrics = Path(r["run"]) / "metrics.jsonl"
@@ -190,7 +189,6 @@ def plot_training(records: list[dict], out: Path) -> list[Path] | None:
                 ax.plot(*zip(*points), label=Path(r["run"]).name)
                 drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     for ax, title in zip(axes, ("training batches", "validation")):
         ax.set_title(title)
@@ -204,7 +202,8 @@ def plot_training(records: list[dict], out: Path) -> list[Path] | None:
 
 def plot_firing(records: list[dict], out: Path) -> list[Path]:
     """Histogram of log10 firing frequency per run, with the never-firing share in the legend."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for r in records:
         if not r["n_latents"]:
             continue

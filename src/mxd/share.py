@@ -23,12 +23,14 @@ import yaml
 from mxd.exchange import write_saelens, write_sparsify
 from mxd.files import read_json, write_atomic
 from mxd.hub import upload
+from mxd.layers import MxD
 from mxd.runs import FINAL, RUN_CONFIG, RunInfo, SiteOptions, read_run
 from mxd.train import method_name
 
 CARD_FILE = "README.md"
 PUSHED_FILES = (RUN_CONFIG, "metrics.jsonl", "eval.json", CARD_FILE)  # besides final/
-CARD_METRICS = ("nmse", "fvu", "delta_ce", "ce_recovered", "kl", "l0", "effective_l0", "dead", "dense", "tokens", "split")
+CARD_METRICS = ("nmse", "fvu", "delta_ce", "ce_recovered", "kl", "l0", "effective_l0", "dead", "dense", "experts_share",
+                "eval_tokens", "eval_split")
 EMBEDDED_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
@@ -38,7 +40,7 @@ def card_metadata(run: RunInfo) -> dict:
     meta = {
         "library_name": "mxd",
         "tags": ["mxd", "interpretability", "sparse-dictionary",
-                 "mixture-of-decoders" if type(layer).__name__ == "MxD" else "transcoder"],
+                 "mixture-of-decoders" if isinstance(layer, MxD) else "transcoder"],
         "mxd": {
             "model": run.model,
             "layer": run.layer_index,

@@ -1,0 +1,46 @@
+"""The printed outputs quoted in the README have the shape of what the commands print today (the
+code blocks themselves run through Sybil: see conftest.py at the repository root)."""
+
+import json
+import re
+from pathlib import Path
+
+from mxd.demo import format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(marker: str) -> list[str]:
+    """The lines of the first fenced block after `marker` in the README."""
+    rest = README[README.index(marker):]
+    return rest.split("```\n", 2)[1].splitlines()
+
+
+def test_demo_output_has_the_columns_mxd_demo_prints():
+    lines = _block_after("and prints (that run)")
+    assert lines[0].split() == format_table([]).split()
+    rows = [line.split() for line in lines[1:] if line.startswith(("mxd ", "transcoder "))]
+    assert [r[0] for r in rows] == ["mxd", "transcoder"] and all(len(r) == len(lines[0].split()) for r in rows)
+    assert re.search(r"measured [^)]* on 20\d\d-\d\d-\d\d", README), "the demo output says when it was produced"
+
+
+def test_frontier_figures_in_the_readme_come_from_frontier_json():
+    """Every 3-4 decimal figure in the README's frontier section is a rounded value of frontier.json."""
+    section = README[README.index("## Result: MxD vs transcoders"):README.index("## Result: a product-key router")]
+    records = json.loads((ROOT / "experiments/smollm2-frontier/frontier.json").read_text())
+    values = [v for r in records for v in _numbers(r)]
+    for quoted in re.findall(r"(?<![\d.])0\.\d{3,4}(?!\d)", section):
+        digits = len(quoted) - 2
+        assert any(round(v, digits) == float(quoted) for v in values), f"{quoted} is not in frontier.json"
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, float):
+        yield value
