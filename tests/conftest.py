@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no Hub here: fail fast instead o
 import pytest
 import torch
 
+from tiny import TINY_CTX, tiny_model, tiny_tokenizer
+
 from mxd import MxD, MxDConfig, SkipTranscoder, Transcoder, TranscoderConfig
 
 # One small instance of every layer kind, by name (d_in=12, d_out=10).
@@ -37,42 +39,6 @@ def layer(request):
     return layer
 
 
-def tiny_model(arch: str):
-    """A tiny randomly initialised causal LM of the given architecture (vocab 257: tiny_tokenizer's, 3 layers)."""
-    import transformers as tf
-
-    common = dict(vocab_size=257, num_hidden_layers=3, num_attention_heads=2, hidden_size=32, intermediate_size=64)
-    configs = {
-        "gpt2": lambda: tf.GPT2Config(vocab_size=257, n_layer=3, n_head=2, n_embd=32, n_positions=128),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(**common, max_position_embeddings=128),
-        "llama": lambda: tf.LlamaConfig(**common, num_key_value_heads=2, max_position_embeddings=128),
-        "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128),
-        "gemma": lambda: tf.GemmaConfig(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
-        "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=2, max_position_embeddings=128),
-        "opt": lambda: tf.OPTConfig(vocab_size=257, num_hidden_layers=3, num_attention_heads=2, hidden_size=32,
-                                    ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128),
-    }
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(configs[arch]()).eval().requires_grad_(False)
-
-
-CORE_ARCHS = ["gpt2", "gpt_neox", "llama"]
-ALL_ARCHS = CORE_ARCHS + ["qwen2", "gemma", "mistral", "opt"]
-
-
-def tiny_tokenizer():
-    """A byte-level tokenizer (one token per byte, id 256 is EOS) built offline, GPT-2 style (no BOS)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))} | {"<eos>": 256}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-
-
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny Llama and its tokenizer saved as a local Hugging Face folder."""
@@ -92,3 +58,31 @@ def text_dir(tmp_path):
     docs = list(BUILTIN_SOURCES["builtin:lee"].documents())
     (folder / "lee.txt").write_text("\n\n".join(d.strip() for d in docs))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """{"mxd": run folder, "transcoder": run folder}, trained 60 steps on a harvested tiny-Llama cache
+    (shared by test_dashboard, test_probe and test_steer)."""
+    from mxd.activations import HarvestConfig, harvest
+    from mxd.data import BUILTIN_SOURCES, DataConfig
+    from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig
+
+    root = tmp_path_factory.mktemp("runs")
+    model_dir, text = root / "tiny-llama", root / "lee.txt"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text.write_text("\n\n".join(d.strip() for d in BUILTIN_SOURCES["builtin:lee"].documents()))
+    caches = []
+    for split, tokens in (("train", 128 * TINY_CTX), ("validation", 32 * TINY_CTX)):
+        caches.append(str(root / f"cache-{split}"))
+        harvest(HarvestConfig(out=caches[-1], model=str(model_dir), layers=[1], split=split, max_tokens=tokens,
+                              chunk_tokens=32 * TINY_CTX, data=DataConfig(source=str(text), context_len=TINY_CTX)), progress=False)
+    runs = {}
+    for kind in ("mxd", "transcoder"):
+        runs[kind] = root / kind
+        Trainer(TrainConfig(out=str(runs[kind]), cache=caches[0], val_cache=caches[1], train_tokens=60 * 256,
+                            batch_tokens=256, eval_every=1000, checkpoint_every=1000,
+                            sparse=LayerSpec(kind=kind, k=4, expansion=4), optim=OptimConfig(lr=3e-3, warmup_steps=10)),
+                progress=False).train()
+    return runs

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mxd
-from conftest import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer
 from mxd.cli import main
 from mxd.data import BUILTIN_SOURCES
 from mxd.files import sha256

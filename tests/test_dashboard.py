@@ -1,7 +1,7 @@
 """mxd inspect: run folders, expert cards checked against a direct encoding, HTML escaping, headless Chromium.
 
-`tiny_runs` (an MxD and a transcoder trained briefly on layer 1 of a tiny Llama) is shared with
-test_probe.py and test_steer.py.
+`tiny_runs` (conftest.py: an MxD and a transcoder trained briefly on layer 1 of a tiny Llama) is
+shared with test_probe.py and test_steer.py.
 """
 
 import os
@@ -11,40 +11,15 @@ import subprocess
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
 
 import mxd
-from mxd.activations import ActivationCache, HarvestConfig, harvest
+from mxd.activations import ActivationCache
 from mxd.cli import main
-from mxd.dashboard import ExpertCard, InspectConfig, expert_cards, final_norm, logit_effects, render_html, write_dashboard
-from mxd.data import BUILTIN_SOURCES, DataConfig
+from mxd.dashboard import ExpertCard, InspectConfig, expert_cards, render_html, write_dashboard
+from mxd.models import final_norm, logit_effects
 from mxd.runs import read_run
-from mxd.train import LayerSpec, OptimConfig, Trainer, TrainConfig
 
-CTX = 32
-
-
-@pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory):
-    """{"mxd": run folder, "transcoder": run folder}, trained 60 steps on a harvested tiny-Llama cache."""
-    root = tmp_path_factory.mktemp("runs")
-    model_dir, text = root / "tiny-llama", root / "lee.txt"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    text.write_text("\n\n".join(d.strip() for d in BUILTIN_SOURCES["builtin:lee"].documents()))
-    caches = []
-    for split, tokens in (("train", 128 * CTX), ("validation", 32 * CTX)):
-        caches.append(str(root / f"cache-{split}"))
-        harvest(HarvestConfig(out=caches[-1], model=str(model_dir), layers=[1], split=split, max_tokens=tokens,
-                              chunk_tokens=32 * CTX, data=DataConfig(source=str(text), context_len=CTX)), progress=False)
-    runs = {}
-    for kind in ("mxd", "transcoder"):
-        runs[kind] = root / kind
-        Trainer(TrainConfig(out=str(runs[kind]), cache=caches[0], val_cache=caches[1], train_tokens=60 * 256,
-                            batch_tokens=256, eval_every=1000, checkpoint_every=1000,
-                            sparse=LayerSpec(kind=kind, k=4, expansion=4), optim=OptimConfig(lr=3e-3, warmup_steps=10)),
-                progress=False).train()
-    return runs
+from tiny import TINY_CTX as CTX
 
 
 def test_read_run(tiny_runs, tmp_path):

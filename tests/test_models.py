@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, CORE_ARCHS, tiny_model
+from tiny import ALL_ARCHS, CORE_ARCHS, tiny_model
 
 from mxd import MxD, MxDConfig
 from mxd.models import SharedPrefix, find_mlp, host_mlp, load_model, mlp_activations, splice

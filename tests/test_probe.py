@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_dashboard import tiny_runs  # noqa: F401  (the shared fixture)
 
 from mxd.cli import main
 from mxd.models import find_mlp, mlp_activations

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from test_dashboard import tiny_runs  # noqa: F401  (the shared fixture)
 
 from mxd.cli import main
 from mxd.layers import SparseCodes

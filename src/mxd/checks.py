@@ -40,3 +40,10 @@ def check_device(device: str) -> None:
             raise ValueError(f"device={device!r} is unavailable: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={device!r} is unavailable: MPS is not available here; use device=cpu")
+
+
+def check_experts(experts: list[int], n_latents: int) -> None:
+    """ValueError naming the first expert index outside 0..n_latents-1."""
+    for e in experts:
+        if not 0 <= e < n_latents:
+            raise ValueError(f"expert {e} is out of range: the layer has {n_latents} experts (0..{n_latents - 1})")

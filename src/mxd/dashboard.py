@@ -28,14 +28,14 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from mxd.checks import check_at_least
+from mxd.checks import check_at_least, check_experts
 from mxd.activations import ActivationCache
 from mxd.layers import MxD, SparseLayer
 from mxd.data import load_blocks
-from mxd.models import decoder_layers, find_mlp, mlp_activations
+from mxd.models import find_mlp, logit_effects, mlp_activations
 from mxd.runs import RunInfo, read_run
 
 SHADES = 10  # activation shading levels in the page
@@ -85,13 +85,6 @@ class ExpertCard:
     contexts: list[tuple[list[tuple[str, float]], int]]
     promoted: list[tuple[str, float]]
     suppressed: list[tuple[str, float]]
-
-
-def check_experts(experts: list[int], n_latents: int) -> None:
-    """ValueError naming the first expert index outside 0..n_latents-1."""
-    for e in experts:
-        if not 0 <= e < n_latents:
-            raise ValueError(f"expert {e} is out of range: the layer has {n_latents} experts (0..{n_latents - 1})")
 
 
 def activations(cfg: InspectConfig, run: RunInfo, model, tokenizer) -> tuple[Tensor, int, Iterator[Tensor], str]:
@@ -145,27 +138,6 @@ def encode(layer: SparseLayer, n_tokens: int, batches: Iterator[Tensor]) -> tupl
     if isinstance(layer, MxD):
         sums *= layer.modulators.float()
     return torch.cat(indices), torch.cat(values), sums
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied to the residual stream before the output head (the last norm outside the blocks)."""
-    blocks_path, _ = decoder_layers(model)
-    norms = [m for name, m in model.named_modules()
-             if "norm" in type(m).__name__.lower() and not name.startswith(blocks_path + ".")]
-    return norms[-1] if norms else nn.Identity()
-
-
-@torch.no_grad()
-def logit_effects(model: nn.Module, directions: Tensor) -> Tensor:
-    """Direct effect on the logits of writing each direction into the residual stream.  [n, d] -> [n, vocab].
-
-    head(norm(d)) − head(norm(0)): the norm's scale and the head's (and norm's) biases are taken into
-    account; the overall scale of each row is not meaningful.
-    """
-    norm, head = final_norm(model), model.get_output_embeddings()
-    param = next(head.parameters())
-    directions = directions.to(param.device, param.dtype)
-    return (head(norm(directions)) - head(norm(torch.zeros_like(directions[:1])))).float().cpu()
 
 
 def expert_cards(cfg: InspectConfig) -> tuple[list[ExpertCard], dict]:
@@ -289,19 +261,16 @@ def _row_html(card: ExpertCard) -> str:
 
 def _frequency_plot(frequencies: list[float]) -> str:
     """A PNG (base64 data URI) of the distribution of log10 firing frequencies over the live experts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     freq = np.asarray(frequencies)
-    fig, ax = plt.subplots(figsize=(6, 2.2), dpi=80)
+    fig = Figure(figsize=(6, 2.2), dpi=80)
+    ax = fig.subplots()
     ax.hist(np.log10(freq[freq > 0]), bins=40, color="#c60")
     ax.set(xlabel="log10 firing frequency", ylabel="experts")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -367,3 +367,24 @@ def splice(model: nn.Module, site: MLPSite, replacement: Callable[[Tensor], Tens
 
     with mlp_hooks([site], replace):
         yield
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the residual stream before the output head (the last norm outside the blocks)."""
+    blocks_path, _ = decoder_layers(model)
+    norms = [m for name, m in model.named_modules()
+             if "norm" in type(m).__name__.lower() and not name.startswith(blocks_path + ".")]
+    return norms[-1] if norms else nn.Identity()
+
+
+@torch.no_grad()
+def logit_effects(model: nn.Module, directions: Tensor) -> Tensor:
+    """Direct effect on the logits of writing each direction into the residual stream.  [n, d] -> [n, vocab].
+
+    head(norm(d)) − head(norm(0)): the norm's scale and the head's (and norm's) biases are taken into
+    account; the overall scale of each row is not meaningful.
+    """
+    norm, head = final_norm(model), model.get_output_embeddings()
+    param = next(head.parameters())
+    directions = directions.to(param.device, param.dtype)
+    return (head(norm(directions)) - head(norm(torch.zeros_like(directions[:1])))).float().cpu()

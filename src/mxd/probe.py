@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mxd.activations import site_dims
 from mxd.checks import check_at_least, check_out
 from mxd.data import prepended_bos
 from mxd.layers import SparseLayer
@@ -79,7 +80,7 @@ def pooled_features(model, tokenizer, site, layers: list[SparseLayer], texts: li
     ids = [[bos, *t] if bos is not None else t for t in ids]
     order = np.argsort([len(t) for t in ids], kind="stable")  # similar lengths share a batch
     device = next(model.parameters()).device
-    raw = torch.zeros(len(texts), site_width(model, site, device))
+    raw = torch.zeros(len(texts), site_dims(model, site)[0])
     codes = [torch.zeros(len(texts), layer.n_latents) for layer in layers]
     for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch", disable=not progress):
         rows = torch.from_numpy(order[start : start + batch_size])
@@ -101,11 +102,6 @@ def pooled_features(model, tokenizer, site, layers: list[SparseLayer], texts: li
                                      (c.values.float() * weight[:, None]).flatten())
             pooled[rows] = part
     return raw, codes
-
-
-def site_width(model, site, device) -> int:
-    """d_in of the MLP site (from a two-token forward)."""
-    return mlp_activations(model, torch.zeros(1, 2, dtype=torch.long, device=device), [site])[site.layer][0].shape[-1]
 
 
 def top_features(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mxd.checks import check_at_least
-from mxd.dashboard import check_experts, logit_effects
+from mxd.checks import check_at_least, check_experts
 from mxd.layers import MxD, SparseLayer
-from mxd.models import MLPSite, mlp_hooks, find_mlp, mlp_activations
+from mxd.models import MLPSite, find_mlp, logit_effects, mlp_activations, mlp_hooks
 from mxd.probe import balanced, pooled_features
 from mxd.runs import read_run
 from mxd.tasks import load_task
