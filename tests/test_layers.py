@@ -49,11 +49,17 @@ def test_matches_dense_reference(layer):
         _close(sparse_grads[name], p.grad)
 
 
-def test_topk_codes_have_k_entries(layer):
-    codes = layer.encode(torch.randn(9, 12))
+def test_codes_hold_k_entries_or_every_active_latent(layer):
+    x = torch.randn(9, 12)
+    codes = layer.encode(x)
     if getattr(layer.config, "sparsity", "topk") == "topk":
         assert codes.indices.shape == (9, layer.config.k)
-        assert (codes.values >= 0).all()
+        if getattr(layer.config, "coefficients", "relu") == "relu":
+            assert (codes.values >= 0).all()
+    else:  # a ReLU transcoder: exactly the positive pre-activations, each with its value
+        f = torch.relu(layer.encoder(x))
+        torch.testing.assert_close(codes.to_dense(layer.n_latents), f)
+        assert ((codes.values > 0).sum(-1) == (f > 0).sum(-1)).all()
 
 
 def test_codes_to_dense():
