@@ -228,6 +228,18 @@ def test_sweep_selects_learning_rates_on_validation_and_reports_on_test(split_ca
     assert "](experts.png)" in text and "| mxd-k0-seed0 | mxd | 0 |" in text and "experts_share" in text
     assert (tmp_path / "report" / "experts.png").stat().st_size > 10_000
 
+    # a later sweep takes the selection instead of training a grid; its K = lr_grid_k cells are its own
+    again = replace(cfg, train=replace(train, out=str(tmp_path / "again"), ks=[4]), methods=["transcoder"], lr_grid=None,
+                    lr_selection=str(tmp_path / "sweep" / "lr-grid" / "selection.json"), dense_reference=False)
+    [record] = run_sweep(again, progress=False)
+    chosen = next(s["lr_multiplier"] for s in selection if s["method"] == "transcoder")
+    assert Path(record["run"]).parent.name == "again" and record["config"]["optim"]["lr_scale"] == chosen
+    assert not (tmp_path / "again" / "lr-grid").exists()
+    with pytest.raises(ValueError, match="chooses no learning rate for .*skip_transcoder"):
+        run_sweep(replace(again, methods=["skip_transcoder"]), progress=False)
+    with pytest.raises(ValueError, match="give lr_grid .* or lr_selection"):
+        replace(again, lr_grid=[1.0])
+
 
 def test_the_test_split_must_exist_and_stay_apart_from_selection(split_caches, cache, tmp_path):
     run = _train(cache, tmp_path / "run", steps=2)  # its source holds out no test documents

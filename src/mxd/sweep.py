@@ -11,7 +11,9 @@ Every cell has the parameter budget of a transcoder of width expansion × d_in (
 and a skip transcoder's width are derived from it). With `lr_grid`, each method first trains at
 K = lr_grid_k with its learning rate times each multiplier; the one with the lowest final
 validation nmse (the training's validation cache) is then used at every K, its K = lr_grid_k run
-standing as that cell. Evaluate on the test split (eval_split=test, data harvested with
+standing as that cell. `lr_selection` instead reads the selection.json of an earlier sweep's grid
+(same methods and budget) and trains every K, lr_grid_k included, at the multipliers it chose.
+Evaluate on the test split (eval_split=test, data harvested with
 test_fraction > 0) so that neither training nor selection saw the reported text. Rerunning
 resumes: finished cells are not retrained, evaluated cells are not re-evaluated, half-trained cells
 continue from their newest checkpoint.
@@ -38,7 +40,8 @@ class SweepConfig:
     methods: layer kinds or named variants in the grid (mxd, mxd_paper, transcoder,
     skip_transcoder); seeds: one cell per seed; lr_grid: multipliers of each method's learning rate
     tried at K = lr_grid_k, the best on the validation cache used for every K (None: no selection);
-    lr_grid_k: the K of the learning-rate selection; dense_reference: also train the dense-only MxD
+    lr_grid_k: the K of the learning-rate selection; lr_selection: a selection.json written by an
+    earlier sweep's lr_grid, whose chosen multipliers are used without training a grid; dense_reference: also train the dense-only MxD
     (k = 0), drawn as a reference line; extra_runs: runs trained elsewhere (mxd runs, or sparsify
     coders of the sweep's model) evaluated with the cells and put in the frontier
     """
@@ -48,6 +51,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     lr_grid: list[float] | None = None
     lr_grid_k: int = 32
+    lr_selection: str | None = None
     dense_reference: bool = False
     extra_runs: list[str] = field(default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -68,6 +72,8 @@ class SweepConfig:
                 raise ValueError("lr_grid needs val_cache: learning rates are chosen on the validation cache")
             if self.lr_grid_k < 1:
                 raise ValueError(f"lr_grid_k={self.lr_grid_k} is invalid: must be >= 1")
+        if self.lr_selection is not None and self.lr_grid is not None:
+            raise ValueError("give lr_grid (select learning rates here) or lr_selection (use an earlier selection), not both")
 
     def _cell(self, folder: Path, layer: int | None, method: str, k: int, seed: int, lr_scale: float = 1.0) -> TrainConfig:
         t = self.train
@@ -89,9 +95,14 @@ class SweepConfig:
                 for layer, prefix in self._layers() for method in self.methods for seed in self.seeds
                 for mult in self.lr_grid or []}
 
-    def cells(self, chosen: dict[tuple, float] | None = None) -> list[TrainConfig]:
+    def grid_keys(self) -> list[tuple]:
+        """(layer, method, seed) of every learning rate the sweep chooses."""
+        return [(layer, method, seed) for layer, _ in self._layers() for method in self.methods for seed in self.seeds]
+
+    def cells(self, chosen: dict[tuple, float] | None = None, from_grid: bool = True) -> list[TrainConfig]:
         """One training config per frontier cell, its out a subfolder of the sweep folder; `chosen`
-        maps (layer, method, seed) to the selected lr multiplier (cells at lr_grid_k then are the grid's)."""
+        maps (layer, method, seed) to the selected lr multiplier (cells at lr_grid_k then are the
+        grid's, unless not from_grid: chosen came from an earlier sweep)."""
         out, ks = Path(self.train.out), self.train.ks or [self.train.sparse.k]
         grid = self.grid_cells()
         cells = []
@@ -100,7 +111,7 @@ class SweepConfig:
                 for method in self.methods:
                     for seed in self.seeds:
                         mult = (chosen or {}).get((layer, method, seed))
-                        if mult is not None and k == self.lr_grid_k:
+                        if mult is not None and k == self.lr_grid_k and from_grid:
                             cells.append(grid[(layer, method, seed, mult)])
                         else:
                             cells.append(self._cell(out / f"{prefix}{method}-k{k}-seed{seed}", layer, method, k, seed,
@@ -169,6 +180,20 @@ def select_lr(cfg: SweepConfig, progress: bool = True) -> dict[tuple, float]:
     return chosen
 
 
+def read_selection(cfg: SweepConfig) -> dict[tuple, float]:
+    """{(layer, method, seed): multiplier} from cfg.lr_selection; ValueError naming the file when it
+    lacks one of the sweep's (layer, method, seed) cells."""
+    records = read_json(cfg.lr_selection)
+    try:
+        chosen = {(r["layer"], r["method"], r["seed"]): float(r["lr_multiplier"]) for r in records}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg.lr_selection} is not a selection.json of mxd sweep ({type(e).__name__}: {e})") from None
+    missing = [key for key in cfg.grid_keys() if key not in chosen]
+    if missing:
+        raise ValueError(f"{cfg.lr_selection} chooses no learning rate for (layer, method, seed) {missing}")
+    return chosen
+
+
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     """Select learning rates (with lr_grid), train the missing cells, evaluate the unevaluated ones
     together with the extra runs, write frontier.json; its records."""
@@ -183,8 +208,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     extra = [read_run(p, site=_site(cfg.train)) for p in cfg.extra_runs]  # fail on a bad extra run before training
     out.mkdir(parents=True, exist_ok=True)
     sweep_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    chosen = select_lr(cfg, progress) if cfg.lr_grid else None
-    cells = cfg.cells(chosen)
+    if cfg.lr_selection:
+        chosen, from_grid = read_selection(cfg), False
+    else:
+        chosen, from_grid = (select_lr(cfg, progress) if cfg.lr_grid else None), True
+    cells = cfg.cells(chosen, from_grid)
     _train(cells, progress)
     todo = [read_run(c.out) for c in cells if _evaluated(Path(c.out), cfg.eval) is None]
     todo += [run for run in extra if _evaluated(run.path, cfg.eval) is None]
