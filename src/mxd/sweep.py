@@ -206,12 +206,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
             raise ValueError(f"{out} holds a sweep with other training settings (differs in: {', '.join(diffs)}); "
                              f"choose another --out")
     extra = [read_run(p, site=_site(cfg.train)) for p in cfg.extra_runs]  # fail on a bad extra run before training
+    given = read_selection(cfg) if cfg.lr_selection else None  # and on a selection that does not fit
     out.mkdir(parents=True, exist_ok=True)
     sweep_file.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    if cfg.lr_selection:
-        chosen, from_grid = read_selection(cfg), False
-    else:
-        chosen, from_grid = (select_lr(cfg, progress) if cfg.lr_grid else None), True
+    chosen, from_grid = (given, False) if given else ((select_lr(cfg, progress) if cfg.lr_grid else None), True)
     cells = cfg.cells(chosen, from_grid)
     _train(cells, progress)
     todo = [read_run(c.out) for c in cells if _evaluated(Path(c.out), cfg.eval) is None]
