@@ -44,3 +44,14 @@ def _numbers(value):
             yield from _numbers(v)
     elif isinstance(value, float):
         yield value
+
+
+def test_speed_figures_in_the_readme_come_from_the_benchmark_results():
+    """The tokens/s of the Speed section's first bullet are rounded values of benchmarks/results/layers-target*.json."""
+    section = README[README.index("## Speed"):README.index("## Reading the experts")]
+    cells = [c for path in sorted((ROOT / "benchmarks/results").glob("layers-target*.json"))
+             for c in json.loads(path.read_text())["cells"] if c["layer"] == "mxd" and c["dtype"] == "fp32"]
+    measured = {round(c[key]) for c in cells for key in ("ours_tokens_per_s", "dense_tokens_per_s")}
+    bullet = section[section.index("**Speed.**"):section.index("- **Memory.**")]
+    quoted = {int(n.replace(",", "")) for n in re.findall(r"\d,\d{3}", bullet)}
+    assert quoted and quoted <= measured, quoted - measured
