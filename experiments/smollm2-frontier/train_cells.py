@@ -4,9 +4,10 @@
     OMP_NUM_THREADS=1 python experiments/smollm2-frontier/train_cells.py --worker 1 --of 2 &
     wait; python -m mxd sweep --config experiments/smollm2-frontier/sweep.yaml   # evaluates, writes frontier.json
 
-On a 2-core CPU an MxD step on 1,024 tokens is dominated by work that does not parallelise well
-(top-k, gathers, the optimiser), so two one-thread workers train about twice as many cells per hour
-as one two-thread process. The cells and their configs are exactly those of `mxd sweep` (built by
+This is how the learning-rate grid of 2026-12-02 was trained. It is not faster than one
+two-thread `mxd sweep` on this 2-core CPU (MxD grid cells: 2.9k + 2.5k tok/s for two one-thread
+workers against 5.9k for one two-thread process), so prefer `mxd sweep` when nothing else runs.
+The cells and their configs are exactly those of `mxd sweep` (built by
 its own command-line parser from the same file); the learning-rate grid is trained first, then, once
 every grid cell is finished, the selection is made (lr-grid/selection.json) and the remaining cells
 are trained. `mxd sweep` afterwards finds them finished and only evaluates.
