@@ -18,7 +18,7 @@ def _block_after(marker: str) -> list[str]:
 
 
 def test_demo_output_has_the_columns_mxd_demo_prints():
-    lines = _block_after("and prints (that run)")
+    lines = _block_after("and prints (that run")
     assert lines[0].split() == format_table([]).split()
     rows = [line.split() for line in lines[1:] if line.startswith(("mxd ", "transcoder "))]
     assert [r[0] for r in rows] == ["mxd", "transcoder"] and all(len(r) == len(lines[0].split()) for r in rows)
