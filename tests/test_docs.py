@@ -25,14 +25,21 @@ def test_demo_output_has_the_columns_mxd_demo_prints():
     assert re.search(r"measured [^)]* on 20\d\d-\d\d-\d\d", README), "the demo output says when it was produced"
 
 
-def test_frontier_figures_in_the_readme_come_from_frontier_json():
-    """Every 3-4 decimal figure in the README's frontier section is a rounded value of frontier.json."""
-    section = README[README.index("## Result: MxD vs transcoders"):README.index("## Result: a product-key router")]
-    records = json.loads((ROOT / "experiments/smollm2-frontier/frontier.json").read_text())
-    values = [v for r in records for v in _numbers(r)]
-    for quoted in re.findall(r"(?<![\d.])0\.\d{3,4}(?!\d)", section):
+def _quoted_values_come_from(text: str, records) -> None:
+    """Every 3-4 decimal figure in `text` is a rounded value of `records` (any JSON)."""
+    values = list(_numbers(records))
+    for quoted in re.findall(r"(?<![\d.])0\.\d{3,4}(?!\d)", text):
         digits = len(quoted) - 2
-        assert any(round(v, digits) == float(quoted) for v in values), f"{quoted} is not in frontier.json"
+        assert any(round(v, digits) == float(quoted) for v in values), f"{quoted} is not in the results"
+
+
+def test_frontier_figures_in_the_readme_come_from_their_results():
+    """The README's learning-rate grid table from lr-grid/selection.json, the first frontier's figures from its frontier.json."""
+    section = README[README.index("## Result: MxD vs transcoders"):README.index("## Result: a product-key router")]
+    grid, first = section.split("**The first frontier")
+    folder = ROOT / "experiments/smollm2-frontier"
+    _quoted_values_come_from(grid, json.loads((folder / "lr-grid/selection.json").read_text()))
+    _quoted_values_come_from(first, json.loads((folder / "first/frontier.json").read_text()))
 
 
 def _numbers(value):

@@ -8,7 +8,9 @@ source .venv/bin/activate
 python -m mxd harvest --out cache/frontier-L15-train --layers 15 --split train --max-tokens 2048000 --dtype bf16 --model-dtype bf16 --test-fraction 0.1
 python -m mxd harvest --out cache/frontier-L15-val --layers 15 --split validation --max-tokens 65536 --dtype bf16 --model-dtype bf16 --test-fraction 0.1
 # 2. the grid: learning rates chosen at K = 32 on validation, then 4 methods x K in {16, 32, 64, 128} and the
-#    dense-only MxD, trained, then evaluated together on the test split
+#    dense-only MxD, trained, then evaluated together on the test split. The grid of 2026-12-02 is committed
+#    (lr-grid/selection.json); to continue from it without training the grid again, use sweep-selected.yaml
+#    in this step and the next instead of sweep.yaml.
 python -m mxd sweep --config experiments/smollm2-frontier/sweep.yaml
 # 3. the peer: EleutherAI sparsify's own trainer and defaults on the same model, layer, text, width, K and tokens
 #    (experiments/peer-sparsify/README.md), then evaluated with the cells on the same test tokens
