@@ -45,16 +45,16 @@ def test_killed_conversion_leaves_no_broken_cache(tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", "from mxd.models import embedded_model_path as p; p('smollm2-135m')"],
                             env=env)
     deadline = time.time() + 120
-    while not list(tmp_path.glob("models/.smollm2-135m.tmp-*")) and time.time() < deadline and proc.poll() is None:
+    while not list(tmp_path.glob("models/smollm2-135m.tmp-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # while it writes the converted folder
     proc.wait()
     target = tmp_path / "models" / "smollm2-135m"
-    assert list(tmp_path.glob("models/.smollm2-135m.tmp-*")), "the conversion was not interrupted while writing"
+    assert list(tmp_path.glob("models/smollm2-135m.tmp-*")), "the conversion was not interrupted while writing"
     assert not target.exists()
     monkeypatch.setenv("MXD_CACHE", str(tmp_path))
     assert embedded_model_path("smollm2-135m") == target
     (target / "model.safetensors").write_bytes(b"truncated")  # damaged: converted again on next use
     model, _ = load_model("smollm2-135m")
     assert model.config.hidden_size == 576
-    assert not list(tmp_path.glob("models/.*.tmp-*"))  # the killed process's leftover is cleaned up
+    assert not list(tmp_path.glob("models/*.tmp-*"))  # the killed process's leftover is cleaned up
