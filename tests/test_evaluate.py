@@ -41,7 +41,7 @@ def _train(cache, out, kind="mxd", k=4, steps=15):
 
 
 def _hand_metrics(model_dir, text_dir, layer):
-    """The metrics of DESIGN.md §3, computed directly from the logits with a patched MLP (float64)."""
+    """The metrics of docs/metrics.md, computed directly from the logits with a patched MLP (float64)."""
     model, tok = load_model(str(model_dir), dtype=torch.float64)
     blocks = load_blocks(DataConfig(source=str(text_dir), context_len=CTX), tok, "validation", 8 * CTX)
     mlp = model.model.layers[1].mlp

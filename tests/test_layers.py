@@ -171,7 +171,7 @@ def test_reproduces_hf_mlps_exactly():
 def test_match_n_experts_gpt2():
     n = match_n_experts(768, 768, 3072, 32 * 768, glu=False)
     assert n == 21_504
-    assert abs(n - 21_490) / 21_490 < 0.002  # DESIGN.md's ≈21,490
+    assert abs(n - 21_490) / 21_490 < 0.002  # the paper's design note: ≈21,490
 
 
 @pytest.mark.parametrize("glu,bias", [(True, True), (False, True), (True, False)])
