@@ -114,6 +114,14 @@ def copy(src, dst) -> Path:
     return Path(dst)
 
 
+def damaged_copy(src, dst, table: dict, case: str) -> tuple[Path, str, dict[str, str]]:
+    """A copy of `src` at `dst` damaged by table[case]: (the copy, the expected message, its file hashes)."""
+    folder = copy(src, dst)
+    damage, match = table[case]
+    damage(folder)
+    return folder, match, hashes(folder)
+
+
 def flip(path, offset=-10) -> None:
     data = bytearray(Path(path).read_bytes())
     data[offset] ^= 0xFF
@@ -351,10 +359,7 @@ RUN_DAMAGE = {
 
 @pytest.mark.parametrize("case", sorted(RUN_DAMAGE))
 def test_damaged_run_is_not_evaluated(w, tmp_path, capsys, case):
-    run = copy(w.ref, tmp_path / "run")
-    damage, match = RUN_DAMAGE[case]
-    damage(run)
-    before = hashes(run)
+    run, match, before = damaged_copy(w.ref, tmp_path / "run", RUN_DAMAGE, case)
     refused(capsys, ["eval", run, "--eval-tokens", 256], match)
     assert hashes(run) == before
 
@@ -507,10 +512,7 @@ CACHE_DAMAGE = {
 
 @pytest.mark.parametrize("case", sorted(CACHE_DAMAGE))
 def test_damaged_cache_is_not_trained_on(w, tmp_path, capsys, case):
-    cache = copy(w.cache, tmp_path / "cache")
-    damage, match = CACHE_DAMAGE[case]
-    damage(cache)
-    before = hashes(cache)
+    cache, match, before = damaged_copy(w.cache, tmp_path / "cache", CACHE_DAMAGE, case)
     refused(capsys, _train_args(w, tmp_path / "run", cache=cache), match)
     assert not (tmp_path / "run").exists() and hashes(cache) == before
 
