@@ -397,13 +397,13 @@ def experts_table(records: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
-def write_results(records: list[dict], out: Path | None) -> None:
+def write_results(records: list[dict], runs: list[RunInfo], out: Path | None) -> None:
     """Each run's record to RUN/eval.json (and its model card refreshed, for mxd runs); with `out`,
-    all of them to out/eval.json and out/eval.md."""
-    for r in records:
-        (Path(r["run"]) / EVAL_FILE).write_text(json.dumps(r, indent=1) + "\n")
-        if (Path(r["run"]) / RUN_CONFIG).is_file():
-            write_model_card(r["run"])
+    all of them to out/eval.json and out/eval.md. `runs`: the evaluated runs, in the records' order."""
+    for r, run in zip(records, runs):
+        (run.path / EVAL_FILE).write_text(json.dumps(r, indent=1) + "\n")
+        if (run.path / RUN_CONFIG).is_file():
+            write_model_card(run)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / EVAL_FILE).write_text(json.dumps(records, indent=1) + "\n")
@@ -414,6 +414,7 @@ def write_results(records: list[dict], out: Path | None) -> None:
 def evaluate_paths(paths: list[str], cfg: EvalConfig, out: str | None = None, progress: bool = True,
                    site: SiteOptions | None = None) -> list[dict]:
     """`mxd eval`: read the runs under `paths`, evaluate them together, write the results."""
-    records = evaluate_runs([read_run(p, site=site) for p in find_runs(paths)], cfg, progress=progress)
-    write_results(records, Path(out) if out else None)
+    runs = [read_run(p, site=site) for p in find_runs(paths)]
+    records = evaluate_runs(runs, cfg, progress=progress)
+    write_results(records, runs, Path(out) if out else None)
     return records

@@ -84,9 +84,9 @@ def model_card(run: RunInfo, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(path: str | Path) -> Path:
-    """Write (or refresh) RUN/README.md; its path."""
-    run = read_run(path)
+def write_model_card(run: str | Path | RunInfo) -> Path:
+    """Write (or refresh) RUN/README.md of a run folder or an already read run; its path."""
+    run = run if isinstance(run, RunInfo) else read_run(run)
     card = run.path / CARD_FILE
     write_atomic(card, lambda tmp: tmp.write_text(model_card(run)))
     return card

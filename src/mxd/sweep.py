@@ -216,7 +216,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> list[dict]:
     todo += [run for run in extra if _evaluated(run.path, cfg.eval) is None]
     if todo:
         data = read_run(cells[0].out).data  # the cells' text source, also for extra runs evaluated alone
-        write_results(evaluate_runs(todo, cfg.eval, progress=progress, data=data), None)
+        write_results(evaluate_runs(todo, cfg.eval, progress=progress, data=data), todo, None)
     paths = [Path(c.out) for c in cells] + [run.path for run in extra]
     records = sorted((_evaluated(p, cfg.eval) for p in paths), key=lambda r: (r["layer"], r["method"], r["k"], r["seed"] or 0))
     (out / FRONTIER).write_text(json.dumps(records, indent=1) + "\n")
