@@ -42,6 +42,12 @@ def test_frontier_figures_in_the_readme_come_from_their_results():
     _quoted_values_come_from(first, json.loads((folder / "first/frontier.json").read_text()))
 
 
+def test_product_key_figures_in_the_readme_come_from_its_eval():
+    section = README[README.index("## Result: a product-key router"):README.index("## Speed")]
+    path = ROOT / "experiments/product-key-routing/eval.json"
+    _quoted_values_come_from(section, json.loads(path.read_text()))
+
+
 def _numbers(value):
     if isinstance(value, dict):
         for v in value.values():
